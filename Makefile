@@ -1,0 +1,30 @@
+# Two commands for a newcomer: `make demo` and `make test` (both set up first).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+OUT    ?= out
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+# Re-runs only when the project's dependency files change (fast the second time).
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[hf,test]"
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/edgepipe build models/digits/recipe.yaml -o $(OUT) --force
+	$(VENV)/bin/edgepipe verify $(OUT)/digits-cnn/cpu
+	@echo "artifacts: $(OUT)/digits-cnn/<target>/   report: $(OUT)/digits-cnn/report.html"
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check edgepipe passes targets tests models benchmarks
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -1,0 +1,144 @@
+"""Accuracy of an artifact against the reference: metrics, comparison and budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe.errors import BadInput
+from edgepipe.loader import load_callable
+from edgepipe.recipe import AccuracySpec
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A metric over a whole eval set; ``higher_is_better`` decides what a drop is."""
+
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray, np.ndarray | None], float]  # (candidate, reference, labels)
+    higher_is_better: bool = True
+
+
+def _top1(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
+    target = labels if labels is not None else ref.reshape(len(ref), -1).argmax(1)
+    return float(np.mean(cand.reshape(len(cand), -1).argmax(1) == target))
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    return a.reshape(len(a), -1).astype(np.float64)
+
+
+def cosine_per_sample(cand: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    c, r = _rows(cand), _rows(ref)
+    den = np.linalg.norm(c, axis=1) * np.linalg.norm(r, axis=1)
+    cos = np.where(den > 0, (c * r).sum(1) / np.maximum(den, 1e-30), 0.0)
+    return np.where(np.isfinite(cos), cos, -1.0)  # NaN never passes
+
+
+def _cosine(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
+    return float(cosine_per_sample(cand, ref).mean())
+
+
+def _rel_l2(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
+    c, r = _rows(cand), _rows(ref)
+    err = np.linalg.norm(c - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-12)
+    return float(np.nan_to_num(err, nan=np.inf).mean())
+
+
+def _max_abs(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
+    return float(np.nan_to_num(np.abs(cand.astype(np.float64) - ref), nan=np.inf).max())
+
+
+BUILTIN = {
+    "top1": Metric("top1", _top1),
+    "cosine": Metric("cosine", _cosine),
+    "rel_l2": Metric("rel_l2", _rel_l2, higher_is_better=False),
+    "max_abs": Metric("max_abs", _max_abs, higher_is_better=False),
+}
+
+
+def resolve_metric(name: str, base: Path) -> Metric:
+    if name in BUILTIN:
+        return BUILTIN[name]
+    fn = load_callable(name, base)
+    return Metric(name, lambda c, r, y: float(fn(c, r, y)))
+
+
+@dataclasses.dataclass
+class AccuracyResult:
+    metric: str
+    output: str
+    reference: float
+    value: float
+    drop: float
+    budget: dict[str, float]
+    passed: bool
+    samples: int
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def concat(batches: Sequence[Outputs]) -> Outputs:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def measure(
+    spec: AccuracySpec,
+    metric: Metric,
+    candidate: Outputs,
+    reference: Outputs,
+    labels: np.ndarray | None,
+) -> AccuracyResult:
+    """The metric for the reference and the candidate, the drop, and the budget verdict."""
+    output = spec.output or next(iter(reference))
+    if output not in candidate or output not in reference:
+        raise BadInput(f"accuracy.output '{output}' is not a model output; outputs: {sorted(reference)}")
+    cand, ref = candidate[output], reference[output]
+    if cand.shape != ref.shape:
+        raise BadInput(f"output '{output}': artifact shape {cand.shape} differs from reference {ref.shape}")
+    ref_value = metric.fn(ref, ref, labels)
+    value = metric.fn(cand, ref, labels)
+    if not np.all(np.isfinite(cand)):
+        value = -np.inf if metric.higher_is_better else np.inf  # NaN/Inf never passes
+    drop = (ref_value - value) if metric.higher_is_better else (value - ref_value)
+    budget, passed = _budget(spec, metric, ref_value, value, drop)
+    return AccuracyResult(metric.name, output, ref_value, float(value), float(drop), budget, passed, len(ref))
+
+
+def _budget(spec: AccuracySpec, metric: Metric, ref: float, value: float, drop: float) -> tuple[dict, bool]:
+    budget: dict[str, float] = {}
+    passed = bool(np.isfinite(value))
+    if spec.max_drop is not None:
+        budget["max_drop"] = spec.max_drop
+        passed &= drop <= spec.max_drop + 1e-12
+    if spec.percent_max_drop is not None:
+        budget["percent_max_drop"] = spec.percent_max_drop
+        passed &= drop <= abs(ref) * spec.percent_max_drop / 100 + 1e-12
+    if spec.min_value is not None:
+        if not metric.higher_is_better:
+            raise BadInput(f"accuracy.min_value does not apply to {metric.name} (lower is better); use max_drop")
+        budget["min_value"] = spec.min_value
+        passed &= value >= spec.min_value
+    return budget, bool(passed)
+
+
+def compare(cand: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict[str, float | bool]:
+    """Polygraphy-style: an element fails only when it breaks both atol and rtol; NaN fails."""
+    c, r = cand.astype(np.float64), ref.astype(np.float64)
+    if c.shape != r.shape:
+        return {"passed": False, "max_abs": float("inf"), "max_rel": float("inf"), "shape_mismatch": True}
+    diff = np.abs(c - r)
+    rel = diff / np.maximum(np.abs(r), 1e-12)
+    bad = (diff > atol) & (rel > rtol)
+    bad |= ~np.isfinite(c) & np.isfinite(r)
+    return {
+        "passed": not bool(bad.any()),
+        "max_abs": float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)),
+        "max_rel": float(np.nan_to_num(rel, nan=np.inf).max(initial=0.0)),
+    }

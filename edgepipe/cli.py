@@ -1,0 +1,176 @@
+"""The edgepipe command line: build, verify, bench, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgepipe.errors import BadInput, EdgepipeError, one_line
+
+INTERNAL_ERROR = 3
+
+
+def _console():
+    from rich.console import Console
+
+    # Plain, wide output when not a terminal (CI logs): no escape codes, no wrapping.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from edgepipe.build import build
+    from edgepipe.recipe import load_recipe
+    from edgepipe.report import write_report
+
+    recipe = load_recipe(args.recipe)
+    only = [t.strip() for t in args.target.split(",") if t.strip()] if args.target else None
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    out = Path(args.output)
+    results = build(recipe, out, only=only, force=args.force, log=log)
+    report = write_report(out / recipe.name, recipe.name, results)
+    _summary(results, report, quiet=args.quiet)
+    return 0 if all(r.passed for r in results) else 1
+
+
+def _summary(results, report: Path, quiet: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title="edgepipe build")
+    for col in ("target", "status", "size (vs fp32)", "metric: fp32 → artifact", "p50 ms (b1)", "artifact"):
+        table.add_column(col)
+    for r in results:
+        m = r.manifest
+        acc, lat = m.get("accuracy", {}), m.get("latency", {})
+        size = (r.folder / m["model_file"]).stat().st_size if r.folder else 0
+        table.add_row(
+            r.target,
+            "passed" if r.passed else f"FAILED: {r.error}",
+            f"{size / 1024:.1f} KiB ({m.get('size', {}).get('ratio', 0):.0%})" if size else "-",
+            f"{acc.get('metric')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f}",
+            f"{lat.get('p50_ms', 0):.3f}",
+            str(r.folder) if r.folder else "(not written)",
+        )
+    console = _console()
+    if not quiet:
+        console.print(table)
+    console.print(f"report: {report}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from edgepipe.verify import junit_xml, verify
+
+    folder = Path(args.artifact)
+    if not folder.is_dir():
+        raise BadInput(f"{folder} is not a folder; pass an artifact folder OUT/<name>/<target>")
+    checks = verify(folder)
+    for c in checks:
+        print(f"{'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    if args.junit:
+        Path(args.junit).write_text(junit_xml(folder, checks), encoding="utf-8")
+    ok = all(c.passed for c in checks)
+    print(f"verify: {'passed' if ok else 'FAILED'} ({folder})")
+    return 0 if ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edgepipe.artifact import GOLDEN, load_golden, read_manifest
+    from edgepipe.bench import latency, peak_rss_mb, resize_batch
+    from edgepipe.runtime import Runner
+
+    folder = Path(args.artifact)
+    manifest = read_manifest(folder)
+    runtime = manifest.get("runtime", {})
+    runner = Runner(folder / manifest["model_file"], providers=runtime.get("providers"), threads=args.threads,
+                    session_config=runtime.get("session_config"))
+    inputs, _, _ = load_golden(folder / GOLDEN)
+    rows = []
+    for b in [int(x) for x in args.batch.split(",")]:
+        rows.append(latency(runner, resize_batch(inputs, b), warmup=args.warmup, runs=args.runs, max_seconds=60))
+    result = {"artifact": str(folder), "load_ms": round(runner.load_seconds * 1e3, 2), "peak_rss_mb": peak_rss_mb(),
+              "providers": runner.providers, "latency": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{folder}: load {result['load_ms']} ms, peak RSS {result['peak_rss_mb']} MB, on {runner.providers[0]}")
+        for r in rows:
+            print(f"  batch {r['batch']:>3}: p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f}  {r['throughput_per_s']:.1f}/s")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from edgepipe.inspect_model import inspect_model
+
+    info = inspect_model(Path(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['file']}: {info['size_bytes']:,} bytes, IR {info['ir_version']}, opsets {info['opsets']}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            print(f"  {kind[:-1]:<6} {v['name']}: {v['dtype']} {v['shape']}")
+    print(f"  params {info['params']:,}  weight bytes {info['bytes']:,}  nodes {info['nodes']}  sparsity {info['sparsity']:.1%}")
+    print("  ops: " + ", ".join(f"{k}×{v}" for k, v in info["ops"].items()))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgepipe", description="Trained model to validated edge-deployment builds.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="run a recipe: export, passes, emit, check")
+    b.add_argument("recipe")
+    b.add_argument("-o", "--output", default="out", help="output folder (default: out)")
+    b.add_argument("--target", help="comma-separated subset of the recipe's targets")
+    b.add_argument("--force", action="store_true", help="replace existing artifacts")
+    b.add_argument("-q", "--quiet", action="store_true", help="print only the summary lines")
+    b.set_defaults(func=cmd_build)
+    v = sub.add_parser("verify", help="re-hash an artifact and rerun its golden I/O")
+    v.add_argument("artifact")
+    v.add_argument("--junit", help="write a JUnit XML report here")
+    v.set_defaults(func=cmd_verify)
+    be = sub.add_parser("bench", help="latency, throughput, load time, peak memory")
+    be.add_argument("artifact")
+    be.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
+    be.add_argument("--runs", type=int, default=100)
+    be.add_argument("--warmup", type=int, default=10)
+    be.add_argument("--threads", type=int, default=None)
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
+    i = sub.add_parser("inspect", help="inputs/outputs, opset, ops, params, size, sparsity")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors are bad input
+        return 2 if exc.code not in (0, None) else 0
+    debug = args.debug or os.environ.get("EDGEPIPE_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except EdgepipeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"edgepipe: error: {one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edgepipe: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"edgepipe: internal error: {type(exc).__name__}: {one_line(str(exc))} (rerun with --debug for the traceback)", file=sys.stderr)
+        return INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The recipe: a YAML file validated into typed objects, errors as one actionable line."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgepipe.errors import BadInput, one_line
+
+DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
+BUILTIN_METRICS = ("top1", "cosine", "rel_l2", "max_abs")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(Strict):
+    """Where the model comes from: exactly one of torch / hf / onnx."""
+
+    torch: str | None = None
+    hf: str | None = None
+    onnx: str | None = None
+    task: str | None = None
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    opset: int | None = Field(default=None, ge=7, le=23)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [k for k in ("torch", "hf", "onnx") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of torch / hf / onnx (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("torch", "hf", "onnx") if getattr(self, k))
+
+
+class InputSpec(Strict):
+    name: str
+    shape: list[int | str]
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int | str]) -> list[int | str]:
+        for d in shape:
+            if isinstance(d, int) and d < 1:
+                raise ValueError(f"dimension {d} must be >= 1 (or a name for a dynamic dim)")
+            if isinstance(d, str) and not d.isidentifier():
+                raise ValueError(f"dynamic dimension name '{d}' must be an identifier")
+        return shape
+
+    @property
+    def dynamic(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+class DataSpec(Strict):
+    calibration: str | None = None
+    eval: str | None = None
+
+
+class AccuracySpec(Strict):
+    """What is measured and the budget, relative to the reference (Olive's vocabulary)."""
+
+    metric: str = "top1"
+    max_drop: float | None = Field(default=None, ge=0)
+    percent_max_drop: float | None = Field(default=None, ge=0, le=100)
+    min_value: float | None = None
+    output: str | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, metric: str) -> str:
+        if metric not in BUILTIN_METRICS and not re.fullmatch(r".+\.py:\w+", metric):
+            raise ValueError(f"unknown metric '{metric}'; use one of {', '.join(BUILTIN_METRICS)} or path.py:function")
+        return metric
+
+
+class TargetSpec(Strict):
+    """Per-target overrides; anything left out takes the target's defaults."""
+
+    passes: list[dict[str, Any]] | None = None
+    shapes: dict[str, list[int]] | None = None
+    accuracy: AccuracySpec | None = None
+    runtime: dict[str, str] | None = None
+
+    @field_validator("passes")
+    @classmethod
+    def _passes(cls, passes: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        from edgepipe.passes import validate_spec
+
+        for spec in passes or []:
+            validate_spec(spec)
+        return passes
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSource
+    inputs: list[InputSpec] | None = None
+    outputs: list[str] | None = None
+    data: DataSpec = DataSpec()
+    accuracy: AccuracySpec = AccuracySpec(max_drop=0.01)
+    targets: dict[str, TargetSpec] = Field(default_factory=lambda: {"cpu": TargetSpec()})
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = {str(t): {} for t in value}
+        if isinstance(value, dict):
+            from edgepipe.targets import TARGETS
+
+            for name in value:
+                if name not in TARGETS:
+                    raise ValueError(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
+            value = {k: (v if v is not None else {}) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.model.kind == "torch" and not self.inputs:
+            raise ValueError("a torch model needs 'inputs' (name, shape, dtype of each input)")
+        names = [i.name for i in self.inputs or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names repeat: {names}")
+        for target, spec in self.targets.items():
+            for key in spec.shapes or {}:
+                if self.inputs and key not in names:
+                    raise ValueError(f"targets.{target}.shapes names '{key}', not an input; inputs: {names}")
+        return self
+
+    def path(self, text: str) -> Path:
+        """A path from the recipe, resolved relative to the recipe file."""
+        return (self.base_dir / text).resolve()
+
+
+def _unwrap(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation like ``list[X] | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _unwrap(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The recipe class whose fields live at ``loc`` (for did-you-mean)."""
+    cls: type[BaseModel] | None = Recipe
+    parts = list(loc)
+    while parts and cls is not None:
+        part = parts.pop(0)
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        cls = _unwrap(field.annotation)
+        if cls is TargetSpec and parts:
+            parts.pop(0)  # targets.<name>: the target name is a key, not a field
+    return cls
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    where = ".".join(str(p) for p in loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        known = [f for f in (owner.model_fields if owner else {}) if f != "base_dir"]
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(known)}" if known else "")
+        return f"recipe: unknown key '{where}'{hint}"
+    if err["type"] == "missing":
+        return f"recipe: '{where}' is required"
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    value = err.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict | list) and value is not None else ""
+    return f"recipe: {where}: {msg}{shown}"
+
+
+def parse_recipe(data: Any, base_dir: Path) -> Recipe:
+    """Validate a recipe mapping; the first problem becomes a BadInput line."""
+    if not isinstance(data, dict):
+        raise BadInput("recipe: the file must be a YAML mapping (name:, model:, ...)")
+    try:
+        recipe = Recipe.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise BadInput(one_line(_format_error(exc.errors()[0]))) from None
+    _check_files(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; paths inside it are relative to it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BadInput(f"recipe {path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"recipe {path}: not a UTF-8 text file") from None
+    return parse_recipe(data, path.parent.resolve())
+
+
+def _check_files(recipe: Recipe) -> None:
+    src = recipe.model
+    if src.onnx and not recipe.path(src.onnx).is_file():
+        raise BadInput(f"recipe: model.onnx file {recipe.path(src.onnx)} not found")
+    if src.hf and not recipe.path(src.hf).is_dir():
+        raise BadInput(f"recipe: model.hf folder {recipe.path(src.hf)} not found")
+    refs = {
+        "model.torch": src.torch,
+        "data.calibration": recipe.data.calibration,
+        "data.eval": recipe.data.eval,
+        "accuracy.metric": recipe.accuracy.metric if ".py:" in recipe.accuracy.metric else None,
+    }
+    for key, ref in refs.items():
+        if not ref:
+            continue
+        file_part = ref.rpartition(":")[0] if ".py:" in ref else ref
+        if not recipe.path(file_part).exists():
+            raise BadInput(f"recipe: {key} file {recipe.path(file_part)} not found (paths are relative to the recipe)")

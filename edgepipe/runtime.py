@@ -1,0 +1,66 @@
+"""One runner shape for every artifact: an ONNX Runtime session that says what really ran."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgepipe.errors import BadInput, one_line
+
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+class Runner:
+    """ONNX Runtime session for a model file; checks feeds and records providers."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        session_config: dict[str, str] | None = None,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
+        wanted = providers or ["CPUExecutionProvider"]
+        available = ort.get_available_providers()
+        usable = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        start = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=usable)
+        except Exception as exc:
+            raise BadInput(one_line(f"onnxruntime {ort.__version__} cannot load {path}: {exc}")) from None
+        self.load_seconds = time.perf_counter() - start
+        # ORT silently falls back to CPU for providers it lacks: record what really runs.
+        self.providers = self.session.get_providers()
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = set(self.inputs) - set(feed)
+        if missing:
+            raise BadInput(f"inputs {sorted(missing)} missing from the data (model inputs: {sorted(self.inputs)})")
+        cast = {}
+        for name, meta in self.inputs.items():
+            want = ORT_DTYPES.get(meta.type)
+            arr = np.asarray(feed[name])
+            cast[name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+        outputs = self.session.run(self.output_names, cast)
+        return dict(zip(self.output_names, outputs, strict=True))

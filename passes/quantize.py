@@ -1,0 +1,189 @@
+"""quantize.dynamic / quantize.static: int8 through onnxruntime.quantization (file in, file out)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import onnx_ir as ir
+from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, load, save
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from edgepipe.errors import BadInput
+
+CALIBRATION = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+INT8 = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+
+
+class DynamicConfig(PassConfig):
+    per_channel: bool = True
+    reduce_range: bool = True
+    weight_type: Literal["int8", "uint8"] = "int8"
+    op_types: list[str] | None = None
+    nodes_to_exclude: list[str] = []
+    preprocess: bool = False
+
+
+class StaticConfig(PassConfig):
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    activation_type: Literal["int8", "uint8"] = "uint8"
+    weight_type: Literal["int8", "uint8"] = "int8"
+    symmetric_activations: bool = False
+    symmetric_weights: bool = True
+    op_types: list[str] | None = None
+    nodes_to_exclude: list[str] = []
+    max_samples: int = 512
+    preprocess: bool = False
+    extra_options: dict[str, bool | int | float | str] = {}
+
+
+class _Reader(CalibrationDataReader):
+    """Feeds calibration batches to ORT, capped at ``max_samples`` samples."""
+
+    def __init__(self, batches: Iterator[Batch], max_samples: int, input_names: set[str]) -> None:
+        self._batches = batches
+        self._left = max_samples
+        self._names = input_names
+        self.samples = 0
+
+    def get_next(self) -> dict | None:
+        if self._left <= 0:
+            return None
+        batch = next(self._batches, None)
+        if batch is None:
+            return None
+        feed = {k: v for k, v in batch.items() if k in self._names}
+        n = len(next(iter(feed.values())))
+        self._left -= n
+        self.samples += n
+        return feed
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's quantizer logs and prints freely; keep the user's terminal for our progress."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _prepare(model: ir.Model, folder: Path, preprocess: bool) -> Path:
+    src = save(model, folder / "in.onnx")
+    if not preprocess:
+        return src
+    prep = folder / "prep.onnx"
+    try:
+        quant_pre_process(str(src), str(prep))
+    except Exception:  # symbolic shape inference fails on some transformer graphs
+        quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
+    return prep
+
+
+QUANT_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+    "QLinearConv", "QLinearMatMul", "MatMulNBits", "GatherBlockQuantized",
+}
+
+
+def _quantized_nodes(model: ir.Model) -> int:
+    return sum(1 for n in model.graph.all_nodes() if n.op_type in QUANT_OPS)
+
+
+def _already_quantized(model: ir.Model) -> StatsResult | None:
+    """Quantizing twice is an error in ORT; a pass must be idempotent, so it is a no-op."""
+    count = _quantized_nodes(model)
+    if count:
+        return StatsResult(clone(model), modified=False, stats={"skipped": f"already quantized ({count} quantized nodes)"})
+    return None
+
+
+class QuantizeDynamic(EdgepipePass):
+    """Dynamic int8: weights quantized offline, activations at run time (no data needed)."""
+
+    name = "quantize.dynamic"
+    Config = DynamicConfig
+
+    def call(self, model: ir.Model) -> StatsResult:
+        c = self.config
+        if (done := _already_quantized(model)) is not None:
+            return done
+        folder = self.context.scratch("qdyn")
+        src = _prepare(model, folder, c.preprocess)
+        out = folder / "out.onnx"
+        with _quiet():
+            quantize_dynamic(
+                src,
+                out,
+                op_types_to_quantize=c.op_types,
+                per_channel=c.per_channel,
+                reduce_range=c.reduce_range,
+                weight_type=INT8[c.weight_type],
+                nodes_to_exclude=list(c.nodes_to_exclude),
+                extra_options={"DefaultTensorType": 1},  # FLOAT, for fused graphs without full types
+            )
+        result = load(out)
+        return StatsResult(result, modified=True, stats={"quantized_nodes": _quantized_nodes(result)})
+
+
+class QuantizeStatic(EdgepipePass):
+    """Static int8 QDQ: activation ranges from calibration data, per-channel weights."""
+
+    name = "quantize.static"
+    Config = StaticConfig
+
+    def call(self, model: ir.Model) -> StatsResult:
+        c = self.config
+        if (done := _already_quantized(model)) is not None:
+            return done
+        if self.context.calibration is None:
+            raise BadInput(f"{self.name} needs calibration data: set data.calibration in the recipe")
+        folder = self.context.scratch("qstatic")
+        src = _prepare(model, folder, c.preprocess)
+        out = folder / "out.onnx"
+        reader = _Reader(iter(self.context.calibration()), c.max_samples, {v.name for v in model.graph.inputs})
+        extra = {
+            "ActivationSymmetric": c.symmetric_activations,
+            "WeightSymmetric": c.symmetric_weights,
+            **c.extra_options,
+        }
+        with _quiet():
+            quantize_static(
+                src,
+                out,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=c.op_types,
+                per_channel=c.per_channel,
+                activation_type=INT8[c.activation_type],
+                weight_type=INT8[c.weight_type],
+                nodes_to_exclude=list(c.nodes_to_exclude),
+                calibrate_method=CALIBRATION[c.calibration],
+                extra_options=extra,
+            )
+        if reader.samples == 0:
+            raise BadInput("calibration data is empty: data.calibration yielded no batches")
+        result = load(out)
+        stats = {"quantized_nodes": _quantized_nodes(result), "calibration_samples": reader.samples}
+        return StatsResult(result, modified=True, stats=stats)

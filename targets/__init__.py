@@ -1,0 +1,10 @@
+"""Target registry: profile names used in recipes and on the command line."""
+
+from __future__ import annotations
+
+from edgepipe.targets.base import Emitted, Target, TargetContext
+from edgepipe.targets.cpu import CpuTarget
+
+TARGETS: dict[str, type[Target]] = {cls.name: cls for cls in (CpuTarget,)}
+
+__all__ = ["TARGETS", "Emitted", "Target", "TargetContext"]

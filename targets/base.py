@@ -1,0 +1,68 @@
+"""A target profile: default pass chain, how the artifact is emitted, where it is checked."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+from edgepipe.passes.base import save
+
+from edgepipe.recipe import AccuracySpec, Recipe, TargetSpec
+
+
+@dataclasses.dataclass
+class TargetContext:
+    recipe: Recipe
+    spec: TargetSpec
+    has_calibration: bool
+
+
+@dataclasses.dataclass
+class Emitted:
+    """What ``emit`` wrote: the deployable file, how to run it, and manifest extras."""
+
+    model_file: str
+    providers: list[str]
+    session_config: dict[str, str] = dataclasses.field(default_factory=dict)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def deployable(model: ir.Model) -> ir.Model:
+    """Drop intermediate value_info: the runtime infers it, the device need not store it."""
+    proto = ir.to_proto(model)
+    del proto.graph.value_info[:]
+    return ir.from_proto(proto)
+
+
+class Target:
+    """Base profile: ONNX Runtime on CPU, the model saved as model.onnx."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    providers: ClassVar[list[str]] = ["CPUExecutionProvider"]
+    quantized: ClassVar[bool] = True
+
+    def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
+        """The recipe's chain if it gives one, else the profile's default."""
+        return list(ctx.spec.passes) if ctx.spec.passes is not None else self.default_passes(ctx)
+
+    def accuracy(self, ctx: TargetContext) -> AccuracySpec:
+        """Recipe accuracy, with the target's overrides applied over it."""
+        base = ctx.recipe.accuracy
+        if ctx.spec.accuracy is None:
+            return base
+        override = ctx.spec.accuracy.model_dump(exclude_unset=True)
+        return base.model_copy(update=override)
+
+    def emit(self, model: ir.Model, folder: Path, ctx: TargetContext) -> Emitted:
+        save(deployable(model), folder / "model.onnx")
+        return Emitted("model.onnx", list(self.providers))
+
+    def golden_tolerance(self, quantized: bool) -> tuple[float, float]:
+        """(atol as a share of the output's max |value|, rtol) for verify's golden check."""
+        return (0.01, 1e-2) if quantized else (1e-5, 1e-3)
