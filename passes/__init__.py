@@ -8,7 +8,10 @@ from typing import Any
 from edgepipe.passes.base import EdgepipePass, PassContext, StatsResult, model_stats
 from edgepipe.passes.cleanup import Cleanup
 from edgepipe.passes.optimize import OrtOptimize
+from edgepipe.passes.prune import PruneMagnitude
+from edgepipe.passes.prune_structured import PruneStructured
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
+from edgepipe.passes.share import ShareCluster, ShareDedupe
 from pydantic import ValidationError
 
 from edgepipe.errors import BadInput, one_line
@@ -16,6 +19,7 @@ from edgepipe.errors import BadInput, one_line
 PASSES: dict[str, type[EdgepipePass]] = {
     cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic)
 }
+PASSES.update({cls.name: cls for cls in (ShareDedupe, ShareCluster, PruneMagnitude, PruneStructured)})
 
 __all__ = ["PASSES", "EdgepipePass", "PassContext", "StatsResult", "create", "model_stats", "validate_spec"]
 

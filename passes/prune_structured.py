@@ -1,0 +1,294 @@
+"""prune.structured: remove whole channels/neurons (producer rows and consumer columns together)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from edgepipe.passes.base import EdgepipePass, StatsResult, clone
+from edgepipe.passes.prune import StructuredConfig, budget_search, marker, set_marker
+from onnx_ir.passes import common
+
+UNARY = {
+    "Relu", "LeakyRelu", "PRelu", "Gelu", "FastGelu", "Erf", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus",
+    "Softsign", "HardSigmoid", "HardSwish", "Mish", "Identity", "Neg", "Abs", "Sqrt", "Exp", "Clip", "Dropout",
+}
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+POOL = {"MaxPool", "AveragePool", "LpPool"}
+PRODUCERS = {"Conv", "Gemm", "MatMul"}
+
+
+class Unsafe(Exception):
+    """A channel group whose pruning the pass cannot prove safe; it is left alone."""
+
+
+@dataclasses.dataclass
+class Space:
+    """Where the channel lives in a value: ``axis`` (negative = from the end); ``repeat`` features per channel."""
+
+    axis: int
+    repeat: int = 1
+
+
+@dataclasses.dataclass
+class Group:
+    """One prunable channel set: the producer, every tensor to slice, every value whose shape changes."""
+
+    producer: ir.Node
+    channels: int
+    edits: dict[int, tuple[ir.Value, int, int]] = dataclasses.field(default_factory=dict)  # id → (init, axis, repeat)
+    reshapes: dict[int, tuple[ir.Value, int, int]] = dataclasses.field(default_factory=dict)  # id → (shape const, index, repeat)
+    values: dict[int, tuple[ir.Value, Space]] = dataclasses.field(default_factory=dict)
+    consumers: list[str] = dataclasses.field(default_factory=list)
+
+    def edit(self, value: ir.Value, axis: int, repeat: int = 1) -> None:
+        if not _private_initializer(value):
+            raise Unsafe(f"weight {value.name} is shared or not an initializer")
+        self.edits[id(value)] = (value, axis, repeat)
+
+
+class PruneStructured(EdgepipePass):
+    """Removes whole output channels of Conv/Gemm/MatMul and the matching inputs of their consumers.
+
+    For each producer with a constant weight, the channel is followed through
+    per-channel ops (bias Add, Relu/Gelu and their decompositions, BatchNorm,
+    pooling, Flatten/Reshape into a Gemm) to the consumers that read it
+    (Conv, Gemm, MatMul with constant weights). Channels are ranked by the L1
+    norm of the producer's weights and the weakest ``sparsity`` share of each
+    layer is cut from every tensor on the path, so the model gets smaller and
+    faster. A path that reaches anything else (a residual Add, a graph output,
+    a shared weight, an attention reshape) is skipped and reported.
+    With ``max_drop`` instead of ``sparsity``, the highest sparsity within
+    that accuracy drop is found by bisection (needs the build's evaluator).
+    """
+
+    name = "prune.structured"
+    Config = StructuredConfig
+
+    def call(self, model: ir.Model) -> StatsResult:
+        if (done := marker(model, self.name)) is not None:
+            return StatsResult(clone(model), modified=False, stats={"skipped": f"already pruned ({done})"})
+        if self.config.max_drop is not None:
+            return budget_search(self, model, lambda m, s: prune_structured(m, s, self.config))
+        out, stats = prune_structured(model, self.config.target, self.config)
+        return StatsResult(out, modified=bool(stats["layers"]), stats=stats)
+
+
+def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig) -> tuple[ir.Model, dict]:
+    """A pruned copy of ``model`` and what was cut per layer."""
+    out = clone(model)
+    layers: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for node in list(out.graph):
+        if node.op_type not in PRODUCERS or node.domain != "" or node.name in config.exclude:
+            continue
+        try:
+            group = trace(node)
+        except Unsafe as why:
+            if node.op_type != "MatMul" or _weight(node) is not None:
+                skipped[node.name or node.outputs[0].name] = str(why)
+            continue
+        keep = _keep(group, sparsity, config)
+        if len(keep) < group.channels:
+            _apply(group, keep)
+            layers[node.name or node.outputs[0].name] = f"{group.channels}→{len(keep)} ({', '.join(group.consumers)})"
+    if sparsity > 0:
+        set_marker(out, "prune.structured", f"sparsity={sparsity:g}")
+    common.RemoveUnusedNodesPass()(out)
+    return out, {"sparsity": sparsity, "layers": layers, "skipped": skipped}
+
+
+def _private_initializer(value: ir.Value) -> bool:
+    return value.is_initializer() and value.const_value is not None and len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def _weight(node: ir.Node) -> tuple[ir.Value, int] | None:
+    """The producer's weight and the axis of its output channels."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is None or w.const_value is None:
+        return None
+    rank = len(w.const_value.shape)
+    if node.op_type == "Conv":
+        group = node.attributes.get("group")
+        return (w, 0) if (group is None or group.as_int() == 1) and rank >= 3 else None
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return (w, 0 if trans_b is not None and trans_b.as_int() else 1) if rank == 2 else None
+    return (w, 1) if rank == 2 else None  # MatMul: x @ W[K, N]
+
+
+def trace(producer: ir.Node) -> Group:
+    """Follow the producer's channels to their consumers; raises Unsafe when the path is not provable."""
+    found = _weight(producer)
+    if found is None:
+        raise Unsafe("weight is not a constant of a supported layout")
+    weight, axis = found
+    group = Group(producer, int(weight.const_value.shape[axis]))
+    group.edit(weight, axis)
+    if producer.op_type in ("Conv", "Gemm") and len(producer.inputs) > 2 and producer.inputs[2] is not None:
+        bias = producer.inputs[2]
+        if bias.const_value is None:
+            raise Unsafe("bias is not constant")
+        if bias.const_value.size == group.channels:
+            group.edit(bias, len(bias.const_value.shape) - 1)
+        elif bias.const_value.size != 1:
+            raise Unsafe("bias does not broadcast per channel")
+    if producer.op_type == "Gemm" and _attr(producer, "transA", 0):
+        raise Unsafe("Gemm with transA")
+    start = Space(1) if producer.op_type == "Conv" else Space(-1)
+    queue = [(producer.outputs[0], start)]
+    while queue:
+        value, space = queue.pop()
+        if id(value) in group.values:
+            if group.values[id(value)][1] != space:
+                raise Unsafe(f"{value.name} reached with two channel layouts")
+            continue
+        if value.is_graph_output():
+            raise Unsafe(f"{value.name} is a graph output")
+        group.values[id(value)] = (value, space)
+        for node, index in value.uses():
+            queue.extend(_step(group, node, index, value, space))
+    if not group.consumers:
+        raise Unsafe("no consumer reads these channels")
+    return group
+
+
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def _step(group: Group, node: ir.Node, index: int, value: ir.Value, space: Space) -> list[tuple[ir.Value, Space]]:
+    """What one use of a channel value implies: values to follow next (or consumer edits)."""
+    op, name = node.op_type, node.name or node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        if node.domain == "com.microsoft" and op in ("Gelu", "FastGelu") and len(node.inputs) == 1:
+            return [(node.outputs[0], space)]
+        raise Unsafe(f"{name}: custom op {node.domain}::{op}")
+    if op in UNARY and index == 0:
+        for extra in node.inputs[1:]:
+            if extra is not None and (extra.const_value is None or extra.const_value.size != 1):
+                raise Unsafe(f"{name}: non-scalar parameter")
+        return [(node.outputs[0], space)]
+    if op in BINARY:
+        for i, other in enumerate(node.inputs):
+            if i != index:
+                _binary_operand(group, node, other, space)
+        return [(node.outputs[0], space)]
+    if op == "BatchNormalization" and index == 0 and _absolute(space, value) == 1 and space.repeat == 1:
+        if any(len(o.uses()) for o in node.outputs[1:]):
+            raise Unsafe(f"{name}: training-mode outputs used")
+        for param in node.inputs[1:5]:
+            group.edit(param, 0)
+        return [(node.outputs[0], space)]
+    if op in POOL and index == 0 and _absolute(space, value) == 1:
+        if len(node.outputs) > 1 and node.outputs[1].uses():
+            raise Unsafe(f"{name}: pooling indices used")
+        return [(node.outputs[0], space)]
+    if op in ("Flatten", "Reshape") and index == 0:
+        return [(node.outputs[0], _flatten(group, node, value, space))]
+    if op == "Conv" and index == 0 and _absolute(space, value) == 1 and space.repeat == 1 and _attr(node, "group", 1) == 1:
+        group.edit(node.inputs[1], 1)
+        group.consumers.append(name)
+        return []
+    if op == "Gemm" and index == 0 and not _attr(node, "transA", 0) and node.inputs[1].const_value is not None:
+        group.edit(node.inputs[1], 1 if _attr(node, "transB", 0) else 0, space.repeat)
+        group.consumers.append(name)
+        return []
+    if op == "MatMul" and index == 0 and node.inputs[1].const_value is not None and len(node.inputs[1].shape) == 2:
+        if _absolute(space, value) != (_rank(value) or 0) - 1 and space.axis != -1:
+            raise Unsafe(f"{name}: channels are not on the last axis")
+        group.edit(node.inputs[1], 0, space.repeat)
+        group.consumers.append(name)
+        return []
+    raise Unsafe(f"{name}: channels reach {op} (input {index}), which this pass does not rewrite")
+
+
+def _absolute(space: Space, value: ir.Value) -> int | None:
+    if space.axis >= 0:
+        return space.axis
+    rank = _rank(value)
+    return rank + space.axis if rank is not None else None
+
+
+def _binary_operand(group: Group, node: ir.Node, other: ir.Value | None, space: Space) -> None:
+    """The other operand of an elementwise op must be a scalar, a per-channel constant, or the same channels."""
+    name = node.name or node.op_type
+    if other is None:
+        return
+    if id(other) in group.values:
+        if group.values[id(other)][1] != space:
+            raise Unsafe(f"{name}: operands with different channel layouts")
+        return
+    if other.const_value is None:
+        raise Unsafe(f"{name}: mixes the channels with another activation (residual?)")
+    shape = list(other.const_value.shape)
+    if int(np.prod(shape)) == 1:
+        return
+    out_rank = _rank(node.outputs[0]) or _rank(node.inputs[0]) or len(shape)
+    axis = space.axis if space.axis < 0 else space.axis - out_rank
+    if -axis > len(shape) or shape[axis] != group.channels * space.repeat or int(np.prod(shape)) != shape[axis]:
+        raise Unsafe(f"{name}: constant of shape {shape} is not per channel")
+    group.edit(other, len(shape) + axis, space.repeat)
+
+
+def _flatten(group: Group, node: ir.Node, value: ir.Value, space: Space) -> Space:
+    """Flatten/Reshape of [N, C, *spatial] to [N, C*spatial]: channels become runs of features."""
+    name = node.name or node.op_type
+    dims = value.shape.dims if value.shape is not None else None
+    if _absolute(space, value) != 1 or space.repeat != 1 or dims is None or not all(isinstance(d, int) for d in dims[1:]):
+        raise Unsafe(f"{name}: reshape of channels with unknown layout")
+    features = int(np.prod(dims[1:]))
+    per_channel = int(np.prod(dims[2:]))
+    if node.op_type == "Flatten":
+        if _attr(node, "axis", 1) != 1:
+            raise Unsafe(f"{name}: Flatten axis != 1")
+        return Space(1, per_channel)
+    target = node.inputs[1]
+    shape = target.const_value.numpy().tolist() if target is not None and target.const_value is not None else None
+    if shape is None or len(shape) != 2 or shape[1] != features or shape[0] not in (-1, 0):
+        raise Unsafe(f"{name}: Reshape to {shape} is not a flatten")
+    if not _private_initializer(target):
+        raise Unsafe(f"{name}: shape constant is shared or not an initializer")
+    group.reshapes[id(target)] = (target, 1, per_channel)
+    return Space(1, per_channel)
+
+
+def _keep(group: Group, sparsity: float, config: StructuredConfig) -> np.ndarray:
+    weight, axis = _weight(group.producer)
+    w = np.abs(weight.const_value.numpy().astype(np.float64))
+    norms = w.sum(axis=tuple(i for i in range(w.ndim) if i != axis))
+    n_keep = max(1, group.channels - int(round(group.channels * sparsity)))
+    if config.multiple_of > 1:
+        n_keep = min(group.channels, -(-n_keep // config.multiple_of) * config.multiple_of)
+    return np.sort(np.argsort(-norms, kind="stable")[:n_keep])
+
+
+def _expand(keep: np.ndarray, repeat: int) -> np.ndarray:
+    return (keep[:, None] * repeat + np.arange(repeat)[None, :]).ravel()
+
+
+def _apply(group: Group, keep: np.ndarray) -> None:
+    n = len(keep)
+    for value, axis, repeat in group.edits.values():
+        array = np.take(value.const_value.numpy(), _expand(keep, repeat), axis=axis)
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+    for target, index, repeat in group.reshapes.values():
+        shape = target.const_value.numpy().copy()
+        shape[index] = n * repeat
+        target.const_value = ir.tensor(shape, name=target.name)
+    for value, space in group.values.values():
+        if value.shape is None:
+            continue
+        dims = list(value.shape.dims)
+        axis = space.axis if space.axis >= 0 else len(dims) + space.axis
+        if 0 <= axis < len(dims):
+            dims[axis] = n * space.repeat
+            value.shape = ir.Shape(dims)
+
