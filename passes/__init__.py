@@ -7,6 +7,7 @@ from typing import Any
 
 from edgepipe.passes.base import EdgepipePass, PassContext, StatsResult, model_stats
 from edgepipe.passes.cleanup import Cleanup
+from edgepipe.passes.int4 import QuantizeInt4
 from edgepipe.passes.optimize import OrtOptimize
 from edgepipe.passes.prune import PruneMagnitude
 from edgepipe.passes.prune_structured import PruneStructured
@@ -19,7 +20,7 @@ from edgepipe.errors import BadInput, one_line
 PASSES: dict[str, type[EdgepipePass]] = {
     cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic)
 }
-PASSES.update({cls.name: cls for cls in (ShareDedupe, ShareCluster, PruneMagnitude, PruneStructured)})
+PASSES.update({cls.name: cls for cls in (ShareDedupe, ShareCluster, PruneMagnitude, PruneStructured, QuantizeInt4)})
 
 __all__ = ["PASSES", "EdgepipePass", "PassContext", "StatsResult", "create", "model_stats", "validate_spec"]
 

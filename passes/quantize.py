@@ -11,6 +11,7 @@ from typing import Literal
 
 import onnx_ir as ir
 from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, load, save
+from edgepipe.passes.float_guard import attention_mask_nodes, name_nodes
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -52,6 +53,9 @@ class StaticConfig(PassConfig):
     max_samples: int = 512
     preprocess: bool = False
     extra_options: dict[str, bool | int | float | str] = {}
+    # Keep attention-mask paths (a float-min/-1e4/-inf constant reaching Softmax) in float.
+    keep_attention_mask_float: bool = True
+    mask_threshold: float = 1e4
 
 
 class _Reader(CalibrationDataReader):
@@ -160,8 +164,15 @@ class QuantizeStatic(EdgepipePass):
         if self.context.calibration is None:
             raise BadInput(f"{self.name} needs calibration data: set data.calibration in the recipe")
         folder = self.context.scratch("qstatic")
-        src = _prepare(model, folder, c.preprocess)
+        named = clone(model)
+        name_nodes(named)  # ORT excludes by node name
+        src = _prepare(named, folder, c.preprocess)
         out = folder / "out.onnx"
+        exclude = list(c.nodes_to_exclude)
+        kept = {}
+        if c.keep_attention_mask_float:
+            kept = attention_mask_nodes(load(src) if c.preprocess else named, c.mask_threshold)
+            exclude += [n for n in kept if n not in exclude]
         reader = _Reader(iter(self.context.calibration()), c.max_samples, {v.name for v in model.graph.inputs})
         extra = {
             "ActivationSymmetric": c.symmetric_activations,
@@ -178,7 +189,7 @@ class QuantizeStatic(EdgepipePass):
                 per_channel=c.per_channel,
                 activation_type=INT8[c.activation_type],
                 weight_type=INT8[c.weight_type],
-                nodes_to_exclude=list(c.nodes_to_exclude),
+                nodes_to_exclude=exclude,
                 calibrate_method=CALIBRATION[c.calibration],
                 extra_options=extra,
             )
@@ -186,4 +197,6 @@ class QuantizeStatic(EdgepipePass):
             raise BadInput("calibration data is empty: data.calibration yielded no batches")
         result = load(out)
         stats = {"quantized_nodes": _quantized_nodes(result), "calibration_samples": reader.samples}
+        if kept:
+            stats["kept_float"] = kept
         return StatsResult(result, modified=True, stats=stats)
