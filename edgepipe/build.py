@@ -18,14 +18,14 @@ import onnxruntime as ort
 
 import edgepipe
 from edgepipe import data as data_mod
-from edgepipe.accuracy import AccuracyResult, concat, measure, resolve_metric
+from edgepipe.accuracy import AccuracyResult, Metric, concat, measure, resolve_metric
 from edgepipe.artifact import GOLDEN, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
 from edgepipe.errors import BadInput, EdgepipeError
 from edgepipe.export import Source, load_source
 from edgepipe.passes import PassContext, create, model_stats
-from edgepipe.passes.base import load
-from edgepipe.recipe import Recipe
+from edgepipe.passes.base import load, save
+from edgepipe.recipe import AccuracySpec, Recipe
 from edgepipe.runtime import Runner
 from edgepipe.targets import TARGETS, Emitted, Target, TargetContext
 
@@ -136,7 +136,10 @@ def _build_target(
 ) -> TargetResult:
     spec = recipe.targets[target.name]
     tctx = TargetContext(recipe, spec, calibration is not None)
-    pctx = PassContext(workdir=work / target.name, calibration=calibration, target=target.name)
+    spec_acc = target.accuracy(tctx)
+    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
+    evaluate = candidate_evaluator(spec_acc, metric, ev, work / target.name / "candidates")
+    pctx = PassContext(workdir=work / target.name, calibration=calibration, evaluate=evaluate, target=target.name)
     model = load(source.onnx_path)
     pass_log = []
     for entry in target.passes(tctx):
@@ -153,14 +156,25 @@ def _build_target(
         stats = {"before": before, "after": model_stats(model), **getattr(result, "stats", {})}
         pass_log.append({"name": p.name, "params": p.config.model_dump(), "modified": result.modified, "stats": stats})
         log(f"  pass  {p.name:<18} nodes {before['nodes']}→{stats['after']['nodes']}  bytes {before['bytes']}→{stats['after']['bytes']}  ({time.perf_counter() - start:.1f}s)")
-    spec_acc = target.accuracy(tctx)
-    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
     try:
         with staging(final, force) as tmp:
             manifest = _check_and_write(recipe, target, tctx, source, ev, model, pass_log, spec_acc, metric, tmp, log)
     except _Failed as failed:
         return TargetResult(target.name, False, None, failed.manifest, "accuracy budget exceeded")
     return TargetResult(target.name, True, final, manifest)
+
+
+def candidate_evaluator(spec: AccuracySpec, metric: Metric, ev: Evaluation, folder: Path) -> Callable[[ir.Model], float]:
+    """For budgeted passes: a model's recipe metric on the eval batches on ORT CPU (higher is better)."""
+
+    def evaluate(model: ir.Model) -> float:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = save(model, folder / "candidate.onnx")
+        outputs = run_batches(Runner(path), ev.batches)
+        value = measure(spec, metric, outputs, ev.reference, ev.labels).value
+        return value if metric.higher_is_better else -value
+
+    return evaluate
 
 
 def _check_and_write(recipe, target, tctx, source, ev, model, pass_log, spec_acc, metric, tmp: Path, log: Log) -> dict:

@@ -181,9 +181,13 @@ def _assign(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return np.searchsorted((centers[1:] + centers[:-1]) / 2, x).astype(np.int64)
 
 
+def _initializer(name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+
+
 def _replace_with_palette(graph: ir.Graph, value: ir.Value, codebook: np.ndarray, idx: np.ndarray) -> None:
-    book = ir.Value(name=f"{value.name}__palette", const_value=ir.tensor(codebook, name=f"{value.name}__palette"))
-    index = ir.Value(name=value.name + CLUSTER_TAG, const_value=ir.tensor(idx, name=value.name + CLUSTER_TAG))
+    book, index = _initializer(f"{value.name}__palette", codebook), _initializer(value.name + CLUSTER_TAG, idx)
     graph.register_initializer(book)
     graph.register_initializer(index)
     cast = ir.node("Cast", [index], attributes={"to": ir.DataType.INT32}, name=f"{value.name}/palette_cast")

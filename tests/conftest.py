@@ -38,3 +38,16 @@ def write_recipe(folder: Path, text: str) -> Path:
     path = folder / "recipe.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(tmp_path_factory) -> Path:
+    """The digits CNN exported by edgepipe (dynamo, checked) and cleaned: the real model pass tests use."""
+    from edgepipe.export import export_torch
+    from edgepipe.passes import PASSES
+    from edgepipe.passes.base import load, save
+    from edgepipe.recipe import load_recipe
+
+    work = tmp_path_factory.mktemp("digits-onnx")
+    source = export_torch(load_recipe(DIGITS / "recipe.yaml"), work, None)
+    return save(PASSES["cleanup"]()(load(source.onnx_path)).model, work / "digits.onnx")

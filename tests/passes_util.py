@@ -1,0 +1,47 @@
+"""Helpers for pass tests: run a model in ORT, check the contract, the digits test split."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
+
+
+def run(model: ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs from ONNX Runtime CPU (fails if ORT cannot load the model)."""
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def check_contract(model: ir.Model) -> None:
+    """What every pass must leave: a model onnx.checker accepts (with shapes) and ORT loads."""
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def same(a: ir.Model, b: ir.Model) -> bool:
+    """Byte-identical graphs (for idempotence)."""
+    def norm(m: ir.Model) -> bytes:
+        return ir.to_proto(ir.from_proto(ir.to_proto(m))).graph.SerializeToString(deterministic=True)
+
+    return norm(a) == norm(b)
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    spec = importlib.util.spec_from_file_location("digits_data_for_tests", DIGITS / "data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, _, x_te, y_te = module.split()
+    return x_te, y_te
+
+
+def top1(model: ir.Model) -> float:
+    x, y = digits_split()
+    return float(np.mean(run(model, {"image": x})[0].argmax(1) == y))
