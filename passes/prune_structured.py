@@ -37,15 +37,19 @@ class Group:
 
     producer: ir.Node
     channels: int
-    edits: dict[int, tuple[ir.Value, int, int]] = dataclasses.field(default_factory=dict)  # id → (init, axis, repeat)
-    reshapes: dict[int, tuple[ir.Value, int, int]] = dataclasses.field(default_factory=dict)  # id → (shape const, index, repeat)
+    # (id(node), input index) → (node, input index, axis, repeat): constant inputs to slice
+    edits: dict[tuple[int, int], tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=dict)
+    reshapes: dict[tuple[int, int], tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=dict)
     values: dict[int, tuple[ir.Value, Space]] = dataclasses.field(default_factory=dict)
     consumers: list[str] = dataclasses.field(default_factory=list)
+    pending: list[tuple[str, ir.Value, Space]] = dataclasses.field(default_factory=list)  # operands to meet later
 
-    def edit(self, value: ir.Value, axis: int, repeat: int = 1) -> None:
-        if not _private_initializer(value):
-            raise Unsafe(f"weight {value.name} is shared or not an initializer")
-        self.edits[id(value)] = (value, axis, repeat)
+    def edit(self, node: ir.Node, index: int, axis: int, repeat: int = 1) -> None:
+        """Slice constant input ``index`` of ``node`` along ``axis`` (a shared constant gets a private copy)."""
+        value = node.inputs[index]
+        if value is None or value.const_value is None:
+            raise Unsafe(f"{node.name}: input {index} is not constant")
+        self.edits[(id(node), index)] = (node, index, axis, repeat)
 
 
 class PruneStructured(EdgepipePass):
@@ -78,6 +82,10 @@ class PruneStructured(EdgepipePass):
 def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig) -> tuple[ir.Model, dict]:
     """A pruned copy of ``model`` and what was cut per layer."""
     out = clone(model)
+    try:
+        common.ShapeInferencePass()(out)  # Flatten/Reshape need the channel tensor's static shape
+    except Exception:  # noqa: BLE001 - shapes are a help, not a requirement; unknown ones make groups skip
+        pass
     layers: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for node in list(out.graph):
@@ -97,10 +105,6 @@ def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig)
         set_marker(out, "prune.structured", f"sparsity={sparsity:g}")
     common.RemoveUnusedNodesPass()(out)
     return out, {"sparsity": sparsity, "layers": layers, "skipped": skipped}
-
-
-def _private_initializer(value: ir.Value) -> bool:
-    return value.is_initializer() and value.const_value is not None and len(value.uses()) == 1 and not value.is_graph_output()
 
 
 def _weight(node: ir.Node) -> tuple[ir.Value, int] | None:
@@ -125,13 +129,13 @@ def trace(producer: ir.Node) -> Group:
         raise Unsafe("weight is not a constant of a supported layout")
     weight, axis = found
     group = Group(producer, int(weight.const_value.shape[axis]))
-    group.edit(weight, axis)
+    group.edit(producer, 1, axis)
     if producer.op_type in ("Conv", "Gemm") and len(producer.inputs) > 2 and producer.inputs[2] is not None:
         bias = producer.inputs[2]
         if bias.const_value is None:
             raise Unsafe("bias is not constant")
         if bias.const_value.size == group.channels:
-            group.edit(bias, len(bias.const_value.shape) - 1)
+            group.edit(producer, 2, len(bias.const_value.shape) - 1)
         elif bias.const_value.size != 1:
             raise Unsafe("bias does not broadcast per channel")
     if producer.op_type == "Gemm" and _attr(producer, "transA", 0):
@@ -149,6 +153,11 @@ def trace(producer: ir.Node) -> Group:
         group.values[id(value)] = (value, space)
         for node, index in value.uses():
             queue.extend(_step(group, node, index, value, space))
+    for name, other, space in group.pending:
+        if id(other) not in group.values:
+            raise Unsafe(f"{name}: mixes the channels with another activation (residual?)")
+        if group.values[id(other)][1] != space:
+            raise Unsafe(f"{name}: operands with different channel layouts")
     if not group.consumers:
         raise Unsafe("no consumer reads these channels")
     return group
@@ -176,15 +185,15 @@ def _step(group: Group, node: ir.Node, index: int, value: ir.Value, space: Space
                 raise Unsafe(f"{name}: non-scalar parameter")
         return [(node.outputs[0], space)]
     if op in BINARY:
-        for i, other in enumerate(node.inputs):
+        for i in range(len(node.inputs)):
             if i != index:
-                _binary_operand(group, node, other, space)
+                _binary_operand(group, node, i, space)
         return [(node.outputs[0], space)]
     if op == "BatchNormalization" and index == 0 and _absolute(space, value) == 1 and space.repeat == 1:
         if any(len(o.uses()) for o in node.outputs[1:]):
             raise Unsafe(f"{name}: training-mode outputs used")
-        for param in node.inputs[1:5]:
-            group.edit(param, 0)
+        for i in range(1, 5):
+            group.edit(node, i, 0)
         return [(node.outputs[0], space)]
     if op in POOL and index == 0 and _absolute(space, value) == 1:
         if len(node.outputs) > 1 and node.outputs[1].uses():
@@ -193,17 +202,17 @@ def _step(group: Group, node: ir.Node, index: int, value: ir.Value, space: Space
     if op in ("Flatten", "Reshape") and index == 0:
         return [(node.outputs[0], _flatten(group, node, value, space))]
     if op == "Conv" and index == 0 and _absolute(space, value) == 1 and space.repeat == 1 and _attr(node, "group", 1) == 1:
-        group.edit(node.inputs[1], 1)
+        group.edit(node, 1, 1)
         group.consumers.append(name)
         return []
     if op == "Gemm" and index == 0 and not _attr(node, "transA", 0) and node.inputs[1].const_value is not None:
-        group.edit(node.inputs[1], 1 if _attr(node, "transB", 0) else 0, space.repeat)
+        group.edit(node, 1, 1 if _attr(node, "transB", 0) else 0, space.repeat)
         group.consumers.append(name)
         return []
     if op == "MatMul" and index == 0 and node.inputs[1].const_value is not None and len(node.inputs[1].shape) == 2:
         if _absolute(space, value) != (_rank(value) or 0) - 1 and space.axis != -1:
             raise Unsafe(f"{name}: channels are not on the last axis")
-        group.edit(node.inputs[1], 0, space.repeat)
+        group.edit(node, 1, 0, space.repeat)
         group.consumers.append(name)
         return []
     raise Unsafe(f"{name}: channels reach {op} (input {index}), which this pass does not rewrite")
@@ -216,17 +225,14 @@ def _absolute(space: Space, value: ir.Value) -> int | None:
     return rank + space.axis if rank is not None else None
 
 
-def _binary_operand(group: Group, node: ir.Node, other: ir.Value | None, space: Space) -> None:
+def _binary_operand(group: Group, node: ir.Node, index: int, space: Space) -> None:
     """The other operand of an elementwise op must be a scalar, a per-channel constant, or the same channels."""
-    name = node.name or node.op_type
+    name, other = node.name or node.op_type, node.inputs[index]
     if other is None:
         return
-    if id(other) in group.values:
-        if group.values[id(other)][1] != space:
-            raise Unsafe(f"{name}: operands with different channel layouts")
+    if other.const_value is None:  # fine only if it is derived from the same channels (checked at the end)
+        group.pending.append((name, other, space))
         return
-    if other.const_value is None:
-        raise Unsafe(f"{name}: mixes the channels with another activation (residual?)")
     shape = list(other.const_value.shape)
     if int(np.prod(shape)) == 1:
         return
@@ -234,7 +240,7 @@ def _binary_operand(group: Group, node: ir.Node, other: ir.Value | None, space: 
     axis = space.axis if space.axis < 0 else space.axis - out_rank
     if -axis > len(shape) or shape[axis] != group.channels * space.repeat or int(np.prod(shape)) != shape[axis]:
         raise Unsafe(f"{name}: constant of shape {shape} is not per channel")
-    group.edit(other, len(shape) + axis, space.repeat)
+    group.edit(node, index, len(shape) + axis, space.repeat)
 
 
 def _flatten(group: Group, node: ir.Node, value: ir.Value, space: Space) -> Space:
@@ -253,9 +259,7 @@ def _flatten(group: Group, node: ir.Node, value: ir.Value, space: Space) -> Spac
     shape = target.const_value.numpy().tolist() if target is not None and target.const_value is not None else None
     if shape is None or len(shape) != 2 or shape[1] != features or shape[0] not in (-1, 0):
         raise Unsafe(f"{name}: Reshape to {shape} is not a flatten")
-    if not _private_initializer(target):
-        raise Unsafe(f"{name}: shape constant is shared or not an initializer")
-    group.reshapes[id(target)] = (target, 1, per_channel)
+    group.reshapes[(id(node), 1)] = (node, 1, 1, per_channel)
     return Space(1, per_channel)
 
 
@@ -269,20 +273,35 @@ def _keep(group: Group, sparsity: float, config: StructuredConfig) -> np.ndarray
     return np.sort(np.argsort(-norms, kind="stable")[:n_keep])
 
 
+def _set_input(node: ir.Node, index: int, array: np.ndarray) -> None:
+    """Replace a constant input in place when only this node reads it, else with a new private initializer."""
+    value = node.inputs[index]
+    if value.is_initializer() and len(value.uses()) == 1 and not value.is_graph_output():
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return
+    graph = node.graph
+    name = f"{value.name}__{node.name or node.op_type}_pruned"
+    while name in graph.initializers:
+        name += "_"
+    tensor = ir.tensor(array, name=name)
+    fresh = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(fresh)
+    node.replace_input_with(index, fresh)
+
+
 def _expand(keep: np.ndarray, repeat: int) -> np.ndarray:
     return (keep[:, None] * repeat + np.arange(repeat)[None, :]).ravel()
 
 
 def _apply(group: Group, keep: np.ndarray) -> None:
     n = len(keep)
-    for value, axis, repeat in group.edits.values():
-        array = np.take(value.const_value.numpy(), _expand(keep, repeat), axis=axis)
-        value.const_value = ir.tensor(array, name=value.name)
-        value.shape = ir.Shape(array.shape)
-    for target, index, repeat in group.reshapes.values():
-        shape = target.const_value.numpy().copy()
-        shape[index] = n * repeat
-        target.const_value = ir.tensor(shape, name=target.name)
+    for node, index, axis, repeat in group.edits.values():
+        _set_input(node, index, np.take(node.inputs[index].const_value.numpy(), _expand(keep, repeat), axis=axis))
+    for node, index, position, repeat in group.reshapes.values():
+        shape = node.inputs[index].const_value.numpy().copy()
+        shape[position] = n * repeat
+        _set_input(node, index, shape)
     for value, space in group.values.values():
         if value.shape is None:
             continue

@@ -43,9 +43,10 @@ def write_recipe(folder: Path, text: str) -> Path:
 @pytest.fixture(scope="session")
 def digits_onnx(tmp_path_factory) -> Path:
     """The digits CNN exported by edgepipe (dynamo, checked) and cleaned: the real model pass tests use."""
-    from edgepipe.export import export_torch
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load, save
+
+    from edgepipe.export import export_torch
     from edgepipe.recipe import load_recipe
 
     work = tmp_path_factory.mktemp("digits-onnx")

@@ -45,3 +45,20 @@ def digits_split() -> tuple[np.ndarray, np.ndarray]:
 def top1(model: ir.Model) -> float:
     x, y = digits_split()
     return float(np.mean(run(model, {"image": x})[0].argmax(1) == y))
+
+
+F, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+
+
+def tensor(name: str, shape: list | None, elem: int = F) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, elem, shape)
+
+
+def make_model(nodes: list, inits: dict[str, np.ndarray], inputs: list, outputs: list, opset: int = 17) -> ir.Model:
+    """An ir.Model from onnx.helper nodes and numpy initializers."""
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]))
+
+
+def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:
+    return onnx.helper.make_node(op, inputs, outputs, name=outputs[0], **attrs)
