@@ -42,6 +42,8 @@ class BudgetConfig(PassConfig):
 
 class StructuredConfig(BudgetConfig):
     multiple_of: int = Field(1, ge=1)  # round kept channels up to a multiple (SIMD-friendly widths)
+    # l1: L1 norm of the producer's weights per channel; l1_in_out: times the L1 of what consumers read from it
+    criterion: Literal["l1", "l1_in_out"] = "l1"
 
 
 class MagnitudeConfig(BudgetConfig):

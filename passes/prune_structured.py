@@ -43,13 +43,17 @@ class Group:
     values: dict[int, tuple[ir.Value, Space]] = dataclasses.field(default_factory=dict)
     consumers: list[str] = dataclasses.field(default_factory=list)
     pending: list[tuple[str, ir.Value, Space]] = dataclasses.field(default_factory=list)  # operands to meet later
+    readers: list[tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=list)  # consumer weight slices
 
-    def edit(self, node: ir.Node, index: int, axis: int, repeat: int = 1) -> None:
+    def edit(self, node: ir.Node, index: int, axis: int, repeat: int = 1, reader: bool = False) -> None:
         """Slice constant input ``index`` of ``node`` along ``axis`` (a shared constant gets a private copy)."""
         value = node.inputs[index]
         if value is None or value.const_value is None:
             raise Unsafe(f"{node.name}: input {index} is not constant")
         self.edits[(id(node), index)] = (node, index, axis, repeat)
+        if reader:
+            self.readers.append((node, index, axis, repeat))
+            self.consumers.append(node.name or node.op_type)
 
 
 class PruneStructured(EdgepipePass):
@@ -202,18 +206,15 @@ def _step(group: Group, node: ir.Node, index: int, value: ir.Value, space: Space
     if op in ("Flatten", "Reshape") and index == 0:
         return [(node.outputs[0], _flatten(group, node, value, space))]
     if op == "Conv" and index == 0 and _absolute(space, value) == 1 and space.repeat == 1 and _attr(node, "group", 1) == 1:
-        group.edit(node, 1, 1)
-        group.consumers.append(name)
+        group.edit(node, 1, 1, reader=True)
         return []
     if op == "Gemm" and index == 0 and not _attr(node, "transA", 0) and node.inputs[1].const_value is not None:
-        group.edit(node, 1, 1 if _attr(node, "transB", 0) else 0, space.repeat)
-        group.consumers.append(name)
+        group.edit(node, 1, 1 if _attr(node, "transB", 0) else 0, space.repeat, reader=True)
         return []
     if op == "MatMul" and index == 0 and node.inputs[1].const_value is not None and len(node.inputs[1].shape) == 2:
         if _absolute(space, value) != (_rank(value) or 0) - 1 and space.axis != -1:
             raise Unsafe(f"{name}: channels are not on the last axis")
-        group.edit(node, 1, 0, space.repeat)
-        group.consumers.append(name)
+        group.edit(node, 1, 0, space.repeat, reader=True)
         return []
     raise Unsafe(f"{name}: channels reach {op} (input {index}), which this pass does not rewrite")
 
@@ -267,6 +268,12 @@ def _keep(group: Group, sparsity: float, config: StructuredConfig) -> np.ndarray
     weight, axis = _weight(group.producer)
     w = np.abs(weight.const_value.numpy().astype(np.float64))
     norms = w.sum(axis=tuple(i for i in range(w.ndim) if i != axis))
+    if config.criterion == "l1_in_out":  # also how much the consumers read each channel
+        reads = np.zeros(group.channels)
+        for node, index, r_axis, repeat in group.readers:
+            r = np.abs(np.moveaxis(node.inputs[index].const_value.numpy().astype(np.float64), r_axis, 0))
+            reads += r.reshape(group.channels, -1).sum(1)
+        norms = norms / max(norms.sum(), 1e-30) * reads / max(reads.sum(), 1e-30)
     n_keep = max(1, group.channels - int(round(group.channels * sparsity)))
     if config.multiple_of > 1:
         n_keep = min(group.channels, -(-n_keep // config.multiple_of) * config.multiple_of)
