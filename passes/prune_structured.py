@@ -270,7 +270,7 @@ def _keep(group: Group, sparsity: float, config: StructuredConfig) -> np.ndarray
     norms = w.sum(axis=tuple(i for i in range(w.ndim) if i != axis))
     if config.criterion == "l1_in_out":  # also how much the consumers read each channel
         reads = np.zeros(group.channels)
-        for node, index, r_axis, repeat in group.readers:
+        for node, index, r_axis, _repeat in group.readers:  # channel-major runs: reshape groups them
             r = np.abs(np.moveaxis(node.inputs[index].const_value.numpy().astype(np.float64), r_axis, 0))
             reads += r.reshape(group.channels, -1).sum(1)
         norms = norms / max(norms.sum(), 1e-30) * reads / max(reads.sum(), 1e-30)
