@@ -41,7 +41,9 @@ class BudgetConfig(PassConfig):
 
 
 class StructuredConfig(BudgetConfig):
-    multiple_of: int = Field(1, ge=1)  # round kept channels up to a multiple (SIMD-friendly widths)
+    # Kept channels are rounded up to a multiple of this: ORT CPU's conv kernels work in blocks of 8 (AVX2)
+    # or 16 (AVX-512); other widths measured up to 2x slower than the unpruned model (docs/passes.md).
+    multiple_of: int = Field(16, ge=1)
     # l1: L1 norm of the producer's weights per channel; l1_in_out: times the L1 of what consumers read from it
     criterion: Literal["l1", "l1_in_out"] = "l1"
 

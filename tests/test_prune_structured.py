@@ -12,8 +12,8 @@ from passes_util import check_contract, make_model, node, run, same, tensor, top
 RNG = np.random.default_rng(1)
 
 
-def _prune(model, sparsity=0.5, **kw):
-    return PruneStructured(PruneStructured.Config(sparsity=sparsity, **kw))(model)
+def _prune(model, sparsity=0.5, multiple_of=1, **kw):
+    return PruneStructured(PruneStructured.Config(sparsity=sparsity, multiple_of=multiple_of, **kw))(model)
 
 
 def _inits(model) -> dict[str, np.ndarray]:
@@ -109,7 +109,7 @@ def test_decomposed_gelu_ffn_is_pruned_but_its_residual_output_is_not():
 
 def test_digits_cnn_half_the_channels(digits_onnx):
     model = load(digits_onnx)
-    result = _prune(model)
+    result = _prune(model, multiple_of=1)
     layers = result.stats["layers"]
     assert len(layers) == 4 and all("→" in v for v in layers.values())  # 3 convs + hidden Gemm; logits Gemm kept
     # conv 1→8, 8→16, 16→32 (3x3 + bias), Gemm 32·4→64 (+bias), Gemm 64→10 (+bias), reshape shape (2)
@@ -118,6 +118,13 @@ def test_digits_cnn_half_the_channels(digits_onnx):
     assert expected / model_stats(model)["params"] < 0.27
     check_contract(result.model)
     assert top1(result.model) > 0.5  # one-shot, no fine-tuning: it drops (0.986 → 0.79); the budget form bounds it
+
+
+def test_digits_default_widths_stay_multiples_of_16(digits_onnx):
+    result = PruneStructured(PruneStructured.Config(sparsity=0.5))(load(digits_onnx))
+    widths = {k: int(v.split("→")[1].split()[0]) for k, v in result.stats["layers"].items()}
+    assert sorted(widths.values()) == [16, 32, 64]  # the 16-channel first conv is not cut below one block
+    assert all(w % 16 == 0 for w in widths.values())
 
 
 @pytest.fixture(scope="module")
