@@ -45,7 +45,10 @@ class StructuredConfig(BudgetConfig):
     # or 16 (AVX-512); other widths measured up to 2x slower than the unpruned model (docs/passes.md).
     multiple_of: int = Field(16, ge=1)
     # l1: L1 norm of the producer's weights per channel; l1_in_out: times the L1 of what consumers read from it
-    criterion: Literal["l1", "l1_in_out"] = "l1"
+    # activation: mean |activation| on calibration data x consumer weight L1 (Wanda-style; needs data)
+    criterion: Literal["l1", "l1_in_out", "activation"] = "l1"
+    calibration_samples: int = Field(64, ge=1)
+    compensate: bool = True  # with activation: fold pruned channels' mean output into the consumer bias
 
 
 class MagnitudeConfig(BudgetConfig):

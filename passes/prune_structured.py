@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 from edgepipe.passes.base import EdgepipePass, StatsResult, clone
 from edgepipe.passes.prune import StructuredConfig, budget_search, marker, set_marker
+from edgepipe.passes.prune_activation import Activity, channel_activity, compensate
 from onnx_ir.passes import common
 
 UNARY = {
@@ -44,6 +45,7 @@ class Group:
     consumers: list[str] = dataclasses.field(default_factory=list)
     pending: list[tuple[str, ir.Value, Space]] = dataclasses.field(default_factory=list)  # operands to meet later
     readers: list[tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=list)  # consumer weight slices
+    reads: list[tuple[str, Space]] = dataclasses.field(default_factory=list)  # values the consumers read
 
     def edit(self, node: ir.Node, index: int, axis: int, repeat: int = 1, reader: bool = False) -> None:
         """Slice constant input ``index`` of ``node`` along ``axis`` (a shared constant gets a private copy)."""
@@ -77,19 +79,39 @@ class PruneStructured(EdgepipePass):
     def call(self, model: ir.Model) -> StatsResult:
         if (done := marker(model, self.name)) is not None:
             return StatsResult(clone(model), modified=False, stats={"skipped": f"already pruned ({done})"})
+        activity = None
+        if self.config.criterion == "activation":
+            activity = channel_activity(model, read_values(model), self.context, self.config.calibration_samples)
         if self.config.max_drop is not None:
-            return budget_search(self, model, lambda m, s: prune_structured(m, s, self.config))
-        out, stats = prune_structured(model, self.config.target, self.config)
+            return budget_search(self, model, lambda m, s: prune_structured(m, s, self.config, activity))
+        out, stats = prune_structured(model, self.config.target, self.config, activity)
         return StatsResult(out, modified=bool(stats["layers"]), stats=stats)
 
 
-def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig) -> tuple[ir.Model, dict]:
-    """A pruned copy of ``model`` and what was cut per layer."""
+def _with_shapes(model: ir.Model) -> ir.Model:
     out = clone(model)
     try:
         common.ShapeInferencePass()(out)  # Flatten/Reshape need the channel tensor's static shape
     except Exception:  # noqa: BLE001 - shapes are a help, not a requirement; unknown ones make groups skip
         pass
+    return out
+
+
+def read_values(model: ir.Model) -> dict[str, int]:
+    """Every value a prunable group's consumers read, with its channel axis (for activation statistics)."""
+    found: dict[str, int] = {}
+    for node in _with_shapes(model).graph:
+        if node.op_type in PRODUCERS and node.domain == "":
+            try:
+                found.update({name: space.axis for name, space in trace(node).reads})
+            except Unsafe:
+                continue
+    return found
+
+
+def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig, activity: Activity | None = None) -> tuple[ir.Model, dict]:
+    """A pruned copy of ``model`` and what was cut per layer."""
+    out = _with_shapes(model)
     layers: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for node in list(out.graph):
@@ -101,8 +123,11 @@ def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig)
             if node.op_type != "MatMul" or _weight(node) is not None:
                 skipped[node.name or node.outputs[0].name] = str(why)
             continue
-        keep = _keep(group, sparsity, config)
+        keep = _keep(group, sparsity, config, activity)
         if len(keep) < group.channels:
+            if activity is not None and config.compensate and all(name in activity for name, _ in group.reads):
+                dropped = {r: np.setdiff1d(np.arange(group.channels * r), _expand(keep, r)) for _, _, _, r in group.readers}
+                compensate(group, dropped, activity, _set_input)
             _apply(group, keep)
             layers[node.name or node.outputs[0].name] = f"{group.channels}→{len(keep)} ({', '.join(group.consumers)})"
     if sparsity > 0:
@@ -207,14 +232,17 @@ def _step(group: Group, node: ir.Node, index: int, value: ir.Value, space: Space
         return [(node.outputs[0], _flatten(group, node, value, space))]
     if op == "Conv" and index == 0 and _absolute(space, value) == 1 and space.repeat == 1 and _attr(node, "group", 1) == 1:
         group.edit(node, 1, 1, reader=True)
+        group.reads.append((value.name, space))
         return []
     if op == "Gemm" and index == 0 and not _attr(node, "transA", 0) and node.inputs[1].const_value is not None:
         group.edit(node, 1, 1 if _attr(node, "transB", 0) else 0, space.repeat, reader=True)
+        group.reads.append((value.name, space))
         return []
     if op == "MatMul" and index == 0 and node.inputs[1].const_value is not None and len(node.inputs[1].shape) == 2:
         if _absolute(space, value) != (_rank(value) or 0) - 1 and space.axis != -1:
             raise Unsafe(f"{name}: channels are not on the last axis")
         group.edit(node, 1, 0, space.repeat, reader=True)
+        group.reads.append((value.name, space))
         return []
     raise Unsafe(f"{name}: channels reach {op} (input {index}), which this pass does not rewrite")
 
@@ -264,10 +292,12 @@ def _flatten(group: Group, node: ir.Node, value: ir.Value, space: Space) -> Spac
     return Space(1, per_channel)
 
 
-def _keep(group: Group, sparsity: float, config: StructuredConfig) -> np.ndarray:
+def _keep(group: Group, sparsity: float, config: StructuredConfig, activity: Activity | None = None) -> np.ndarray:
     weight, axis = _weight(group.producer)
     w = np.abs(weight.const_value.numpy().astype(np.float64))
     norms = w.sum(axis=tuple(i for i in range(w.ndim) if i != axis))
+    if activity is not None and all(name in activity for name, _ in group.reads):
+        norms = activation_scores(group, activity)
     if config.criterion == "l1_in_out":  # also how much the consumers read each channel
         reads = np.zeros(group.channels)
         for node, index, r_axis, _repeat in group.readers:  # channel-major runs: reshape groups them
@@ -278,6 +308,16 @@ def _keep(group: Group, sparsity: float, config: StructuredConfig) -> np.ndarray
     if config.multiple_of > 1:
         n_keep = min(group.channels, -(-n_keep // config.multiple_of) * config.multiple_of)
     return np.sort(np.argsort(-norms, kind="stable")[:n_keep])
+
+
+def activation_scores(group: Group, activity: Activity) -> np.ndarray:
+    """Per channel: sum over the features it feeds of mean|activation| x L1 of the consumer weights reading it."""
+    scores = np.zeros(group.channels)
+    for (node, index, r_axis, _repeat), (name, _space) in zip(group.readers, group.reads, strict=True):
+        w = np.abs(np.moveaxis(node.inputs[index].const_value.numpy().astype(np.float64), r_axis, 0))
+        per_feature = w.reshape(w.shape[0], -1).sum(1) * activity[name][0][: w.shape[0]]
+        scores += per_feature.reshape(group.channels, -1).sum(1)
+    return scores
 
 
 def _set_input(node: ir.Node, index: int, array: np.ndarray) -> None:

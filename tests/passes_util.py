@@ -34,12 +34,22 @@ def same(a: ir.Model, b: ir.Model) -> bool:
     return norm(a) == norm(b)
 
 
-def digits_split() -> tuple[np.ndarray, np.ndarray]:
+def _digits_data():
     spec = importlib.util.spec_from_file_location("digits_data_for_tests", DIGITS / "data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    _, _, x_te, y_te = module.split()
+    return module
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """The fixed test split (images, labels)."""
+    _, _, x_te, y_te = _digits_data().split()
     return x_te, y_te
+
+
+def digits_train(n: int = 128) -> np.ndarray:
+    """The first ``n`` training images (what the recipe's calibration data yields)."""
+    return _digits_data().split()[0][:n]
 
 
 def top1(model: ir.Model) -> float:

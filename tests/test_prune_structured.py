@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from edgepipe.passes import PassContext
 from edgepipe.passes.base import load, model_stats
 from edgepipe.passes.prune_structured import PruneStructured
-from passes_util import check_contract, make_model, node, run, same, tensor, top1
+from passes_util import check_contract, digits_train, make_model, node, run, same, tensor, top1
+
+from edgepipe.errors import BadInput
 
 RNG = np.random.default_rng(1)
 
@@ -156,3 +159,41 @@ def test_tiny_bert_ffn_neurons_only(tiny_bert):
     # per layer: half of W1 and of W2; the two (zero, so deduplicated by the exporter) intermediate
     # biases of 64 were one shared tensor and are now two private halves: no net change there
     assert before - after == 2 * (32 * 32 + 32 * 32)
+
+
+def _constant_neuron_mlp() -> ir.Model:
+    w1 = RNG.standard_normal((6, 4)).astype(np.float32) * 3
+    b1 = np.zeros(4, np.float32)
+    w1[:, 0], b1[0] = 0.0, 2.0  # neuron 0 always outputs relu(2) = 2: prunable with its mean folded into b2
+    w2 = RNG.standard_normal((4, 3)).astype(np.float32)
+    w2[0] *= 0.05
+    b2 = RNG.standard_normal(3).astype(np.float32)
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("Add", ["h", "B1"], ["hb"]), node("Relu", ["hb"], ["r"]),
+             node("MatMul", ["r", "W2"], ["o"]), node("Add", ["o", "B2"], ["y"])]
+    return make_model(nodes, {"W1": w1, "B1": b1, "W2": w2, "B2": b2}, [tensor("x", ["n", 6])], [tensor("y", ["n", 3])])
+
+
+def test_activation_criterion_compensates_the_mean_of_pruned_neurons(tmp_path):
+    model = _constant_neuron_mlp()
+    x = RNG.standard_normal((64, 6)).astype(np.float32)
+    context = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
+    config = {"sparsity": 0.25, "multiple_of": 1, "criterion": "activation"}
+    result = PruneStructured(PruneStructured.Config(**config), context)(model)
+    assert result.stats["layers"] == {"h": "4→3 (o)"}
+    np.testing.assert_allclose(run(result.model, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    plain = PruneStructured(PruneStructured.Config(**config, compensate=False), context)(model)
+    assert np.abs(run(plain.model, {"x": x})[0] - run(model, {"x": x})[0]).max() > 0.05  # what compensation fixed
+
+
+def test_activation_criterion_needs_calibration(tmp_path):
+    with pytest.raises(BadInput, match="calibration"):
+        PruneStructured(PruneStructured.Config(criterion="activation"), PassContext(workdir=tmp_path))(_constant_neuron_mlp())
+
+
+def test_activation_criterion_on_digits(digits_onnx, tmp_path):
+    context = PassContext(workdir=tmp_path, calibration=lambda: iter([{"image": digits_train(128)}]))
+    model = load(digits_onnx)
+    pruned = PruneStructured(PruneStructured.Config(sparsity=0.25, multiple_of=1, criterion="activation"), context)(model)
+    check_contract(pruned.model)
+    assert model_stats(pruned.model)["params"] < 0.6 * model_stats(model)["params"]
+    assert top1(pruned.model) >= top1(model) - 0.03  # L1 ranking loses 0.04 here

@@ -10,7 +10,7 @@ from edgepipe.passes.base import load
 from edgepipe.passes.float_guard import attention_mask_nodes
 from edgepipe.passes.int4 import QuantizeInt4
 from edgepipe.passes.quantize import QuantizeStatic
-from passes_util import check_contract, digits_split, make_model, node, run, same, tensor, top1
+from passes_util import check_contract, digits_train, make_model, node, run, same, tensor, top1
 
 RNG = np.random.default_rng(3)
 
@@ -47,8 +47,8 @@ def test_int4_on_digits_rewrites_gemms_and_keeps_top1(digits_onnx):
 
 
 def _calibration():
-    x, _ = digits_split()
-    return lambda: iter([{"image": x[:64]}])
+    x = digits_train(64)
+    return lambda: iter([{"image": x}])
 
 
 def _qdq_weights(model: ir.Model) -> set[str]:
