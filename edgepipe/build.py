@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import tempfile
@@ -19,9 +20,9 @@ import onnxruntime as ort
 import edgepipe
 from edgepipe import data as data_mod
 from edgepipe.accuracy import AccuracyResult, concat, measure, resolve_metric
-from edgepipe.artifact import GOLDEN, save_golden, staging, write_manifest
+from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
-from edgepipe.errors import BadInput, EdgepipeError
+from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.export import Source, load_source
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load
@@ -77,7 +78,8 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
     first = eval_data[0][0] if eval_data else (next(iter(calibration()), None) if calibration else None)
     _check_data_names(recipe, first)
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".work-", dir=root))
+    remove_stale(root)
+    work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
     try:
         log(f"export  {recipe.model.kind} source → ONNX")
         source = load_source(recipe, work, first)
@@ -148,7 +150,8 @@ def _build_target(
         except EdgepipeError:
             raise
         except Exception as exc:
-            raise BadInput(f"pass {p.name} failed on this model: {type(exc).__name__}: {exc}") from exc
+            why = explain(exc) or f"{type(exc).__name__}: {exc}"
+            raise BadInput(f"pass {p.name} failed on this model: {why}") from exc
         model = result.model
         stats = {"before": before, "after": model_stats(model), **getattr(result, "stats", {})}
         pass_log.append({"name": p.name, "params": p.config.model_dump(), "modified": result.modified, "stats": stats})
