@@ -115,6 +115,7 @@ def staging(final: Path, force: bool) -> Iterator[Path]:
         raise BadInput(f"{final} already exists; pass --force to replace it or choose another -o folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would leave the published artifact private
     try:
         yield tmp
         publish(tmp, final)

@@ -17,6 +17,7 @@ import onnx
 from edgepipe.accuracy import compare
 from edgepipe.errors import BadInput, CheckFailed, one_line
 from edgepipe.loader import load_callable
+from edgepipe.passes.base import external_threshold
 from edgepipe.recipe import Recipe
 from edgepipe.runtime import Runner
 
@@ -178,7 +179,7 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
                 output_names=out_names,
                 dynamic_axes=dynamic_axes or None,
                 dynamo=recipe.model.exporter == "dynamo",
-                external_data=False,
+                external_data=_param_bytes(module) > external_threshold(),
                 **kwargs,
             )
     except Exception as exc:
@@ -204,6 +205,10 @@ def _name_outputs(result: object, names: list[str] | None) -> Outputs:
     if len(names) != len(values):
         raise BadInput(f"recipe names {len(names)} outputs {names} but the model returns {len(values)}")
     return {n: v.detach().cpu().numpy() for n, v in zip(names, values, strict=True)}
+
+
+def _param_bytes(module: object) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())  # type: ignore[attr-defined]
 
 
 def _module_digest(module: object) -> str:
