@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import onnxruntime as ort
 
 from edgepipe import data as data_mod
-from edgepipe.build import _check_data_names, select_targets
+from edgepipe.build import _check_data_names, check_writable, select_targets
 from edgepipe.errors import BadInput
 from edgepipe.loader import load_callable
 from edgepipe.passes import validate_spec
@@ -24,7 +23,7 @@ def dry_run(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> l
     for t in targets:
         if (root / t).exists() and not force:
             raise BadInput(f"{root / t} already exists; pass --force to replace it or choose another -o folder")
-    _check_writable(out)
+    check_writable(out)
     lines.append(f"output {root}: writable")
     if recipe.model.kind == "torch":
         load_callable(recipe.model.torch or "", recipe.base_dir)
@@ -63,10 +62,3 @@ def dry_run(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> l
         lines.append(f"target {t}: passes {' → '.join(s['name'] for s in chain) or '(none)'}; runtime onnxruntime {ort.__version__}")
     return lines
 
-
-def _check_writable(out: Path) -> None:
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInput(f"output folder {out} is not writable; choose another -o folder")

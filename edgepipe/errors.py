@@ -30,6 +30,7 @@ def one_line(text: str) -> str:
 KNOWN_ERRORS: list[tuple[str, str]] = [
     ("Unsupported model IR version", "the model's IR version is newer than this onnxruntime supports; export with an older opset/IR or upgrade onnxruntime"),
     ("is under development and support for this is limited", "the model's opset is newer than this onnxruntime supports; export with a lower opset (model.opset in the recipe)"),
+    ("is not a registered function/op", "the model uses an op this onnxruntime does not know (a custom domain?); register its custom-op library or replace the op"),
     ("Failed to find kernel for", "onnxruntime has no kernel for an op/type in this model; keep that node in float32 or pick another target/provider"),
     ("2GB", "the model exceeds protobuf's 2 GB limit; save it with external data (edgepipe does this for large models) or check the source"),
     ("exceeds maximum protobuf size", "the model exceeds protobuf's 2 GB limit; use external data"),

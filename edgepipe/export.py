@@ -66,6 +66,8 @@ def onnx_io(path: Path) -> tuple[InputSpecs, list[str]]:
 
 def load_onnx_source(recipe: Recipe, workdir: Path) -> Source:
     path = recipe.path(recipe.model.onnx or "")
+    if path.is_file() and path.stat().st_size == 0:
+        raise BadInput(f"{path} is empty (0 bytes); re-export the model")
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
@@ -161,7 +163,13 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
         return _name_outputs(result, recipe.outputs)
 
     example = sample_batch(specs, real, export_sizes)
-    out_names = list(reference(example))
+    try:
+        out_names = list(reference(example))
+    except BadInput:
+        raise
+    except Exception as exc:
+        shapes = {k: list(v.shape) for k, v in example.items()}
+        raise BadInput(one_line(f"the model fails on inputs shaped like the recipe's {shapes}: {type(exc).__name__}: {exc}; check inputs[].shape and dtype")) from None
     dynamic_axes = {n: {a: d for a, d in enumerate(s) if isinstance(d, str)} for n, (_, s) in specs.items()}
     dynamic_axes = {k: v for k, v in dynamic_axes.items() if v}
     path = workdir / "source.onnx"
