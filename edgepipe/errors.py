@@ -4,9 +4,15 @@ from __future__ import annotations
 
 
 class EdgepipeError(Exception):
-    """Base of every error edgepipe reports to a user; ``exit_code`` is the CLI's."""
+    """Base of every error edgepipe reports to a user; ``exit_code`` is the CLI's.
+
+    The message is always one line: users read the first line and CI logs grep it.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 class BadInput(EdgepipeError):
