@@ -64,14 +64,19 @@ def onnx_io(path: Path) -> tuple[InputSpecs, list[str]]:
     return specs, [o.name for o in model.graph.output]
 
 
-def load_onnx_source(recipe: Recipe, workdir: Path) -> Source:
-    path = recipe.path(recipe.model.onnx or "")
+def check_onnx_file(path: Path) -> None:
+    """onnx.checker on a file, every failure (corrupt bytes included) as one BadInput line."""
     if path.is_file() and path.stat().st_size == 0:
         raise BadInput(f"{path} is empty (0 bytes); re-export the model")
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise BadInput(one_line(f"{path} is not a valid ONNX model: {exc}")) from None
+        raise BadInput(f"{path} is not a valid ONNX model: {exc}") from None
+
+
+def load_onnx_source(recipe: Recipe, workdir: Path) -> Source:
+    path = recipe.path(recipe.model.onnx or "")
+    check_onnx_file(path)
     inputs, outputs = onnx_io(path)
     _check_declared(recipe, inputs, outputs, path.name)
     runner = Runner(path)
