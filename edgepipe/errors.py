@@ -42,6 +42,7 @@ KNOWN_ERRORS: list[tuple[str, str]] = [
     ("exceeds maximum protobuf size", "the model exceeds protobuf's 2 GB limit; use external data"),
     ("No space left on device", "the disk is full; free space or choose another -o folder"),
     ("Permission denied", "a file or folder is not writable/readable; check permissions or choose another -o folder"),
+    ("data-dependent", "the model branches on tensor values (data-dependent control flow); rewrite with torch.where / torch.cond, or try model.exporter: torchscript and check the result"),
     ("is not supported", "the exporter does not support an operator at this opset; try a newer opset (model.opset) or model.exporter: torchscript"),
 ]
 

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 
 from edgepipe.accuracy import compare
-from edgepipe.errors import BadInput, CheckFailed, one_line
+from edgepipe.errors import BadInput, CheckFailed, explain, one_line
 from edgepipe.loader import load_callable
 from edgepipe.passes.base import external_threshold
 from edgepipe.recipe import Recipe
@@ -25,6 +26,8 @@ Batch = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 InputSpecs = dict[str, tuple[str, list[int | str]]]
 EXPORT_ATOL, EXPORT_RTOL = 1e-4, 1e-3
+# TracerWarnings that mean a tensor value decided Python control flow during tracing.
+_FROZEN = re.compile(r"Python (boolean|value|index|integer|float)|might cause the trace to be incorrect")
 ONNX_TO_NP = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
 
 
@@ -182,8 +185,8 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
     kwargs = {"opset_version": recipe.model.opset} if recipe.model.opset else {}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("always")
             torch.onnx.export(
                 module,
                 args,
@@ -196,7 +199,16 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
                 **kwargs,
             )
     except Exception as exc:
-        raise BadInput(one_line(f"torch.onnx export failed ({recipe.model.exporter} exporter): {type(exc).__name__}: {exc}")) from None
+        why = explain(exc) or f"{type(exc).__name__}: {exc}"
+        raise BadInput(f"torch.onnx export failed ({recipe.model.exporter} exporter): {why}") from None
+    frozen = [w for w in caught if type(w.message).__name__ == "TracerWarning" and _FROZEN.search(str(w.message))]
+    if frozen:
+        w = frozen[0]
+        raise CheckFailed(
+            f"export check failed: the tracer froze data-dependent control flow at {Path(w.filename).name}:{w.lineno} "
+            f"({str(w.message).split('.')[0]}); the ONNX graph would take one branch for every input — use torch.where, "
+            "or exporter: dynamo with torch.cond"
+        )
     onnx.checker.check_model(str(path))
     checks = verify_export(path, reference, specs, real, export_sizes)
     return Source(path, reference, onnx_io(path)[0], out_names, "torch", _module_digest(module), checks)
