@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -52,6 +54,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     manifest = {**manifest, "schema_version": SCHEMA_VERSION, "files": hash_tree(folder)}
+    manifest["content_sha256"] = content_digest(manifest)
     manifest["digest"] = manifest_digest(manifest)
     (folder / MANIFEST).write_bytes(canonical(manifest))
     return manifest
@@ -111,7 +114,8 @@ def staging(final: Path, force: bool) -> Iterator[Path]:
     if final.exists() and not force:
         raise BadInput(f"{final} already exists; pass --force to replace it or choose another -o folder")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would leave the published artifact private
     try:
         yield tmp
         publish(tmp, final)
@@ -119,17 +123,70 @@ def staging(final: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself: concurrent builds publish one at a time."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Swap ``tmp`` into ``final``: the old artifact stays whole until the new one is in place."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
+    with folder_lock(final.parent):
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:
+                os.replace(old, final)
+            raise
         if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(folder: Path) -> list[str]:
+    """Delete temp folders left by builds that were killed (their pid is gone)."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        name = path.name
+        if not name.startswith(".") or not any(tag in name for tag in (".tmp-", ".old-", ".work-")):
+            continue
+        pid = _pid_in(name)
+        if pid is not None and _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _pid_in(name: str) -> int | None:
+    for tag in (".tmp-", ".old-", ".work-"):
+        if tag in name:
+            head = name.split(tag, 1)[1].split("-", 1)[0]
+            return int(head) if head.isdigit() else None
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+CONTENT_KEYS = ("name", "target", "model_file", "files", "inputs", "outputs", "opset", "ir_version", "source", "passes", "accuracy", "golden")
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of what a rebuild must reproduce exactly (no timings): equal for byte-identical builds."""
+    return hashlib.sha256(canonical({k: manifest.get(k) for k in CONTENT_KEYS})).hexdigest()

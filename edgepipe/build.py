@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import tempfile
@@ -19,9 +20,9 @@ import onnxruntime as ort
 import edgepipe
 from edgepipe import data as data_mod
 from edgepipe.accuracy import AccuracyResult, Metric, concat, measure, resolve_metric
-from edgepipe.artifact import GOLDEN, save_golden, staging, write_manifest
+from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
-from edgepipe.errors import BadInput, EdgepipeError
+from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.export import Source, load_source
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load, save
@@ -74,10 +75,20 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
             raise BadInput(f"{root / t} already exists; pass --force to replace it or choose another -o folder")
     calibration = data_mod.calibration_source(recipe.data.calibration, recipe.base_dir) if recipe.data.calibration else None
     eval_data = data_mod.eval_batches(recipe.data.eval, recipe.base_dir) if recipe.data.eval else None
-    first = eval_data[0][0] if eval_data else (next(iter(calibration()), None) if calibration else None)
+    first_cal = next(iter(calibration()), None) if calibration else None
+    if calibration is not None and first_cal is None:
+        raise BadInput(f"data.calibration '{recipe.data.calibration}' yielded no batches; give it at least one batch")
+    first = eval_data[0][0] if eval_data else first_cal
     _check_data_names(recipe, first)
+    if recipe.inputs:  # before the (slow) export: the data must fit the declared inputs
+        specs = {i.name: (i.dtype, list(i.shape)) for i in recipe.inputs}
+        for where, batch in (("data.eval", eval_data[0][0] if eval_data else None), ("data.calibration", first_cal)):
+            if batch is not None:
+                data_mod.check_batch(batch, specs, where)
+    check_writable(out)
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".work-", dir=root))
+    remove_stale(root)
+    work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
     try:
         log(f"export  {recipe.model.kind} source → ONNX")
         source = load_source(recipe, work, first)
@@ -91,6 +102,15 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_writable(out: Path) -> None:
+    """The output folder (or its nearest existing parent) must be a writable folder."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInput(f"output folder {out} is not writable ({probe} is not a writable folder); choose another -o folder")
 
 
 def _check_data_names(recipe: Recipe, batch: dict[str, np.ndarray] | None) -> None:
@@ -151,7 +171,8 @@ def _build_target(
         except EdgepipeError:
             raise
         except Exception as exc:
-            raise BadInput(f"pass {p.name} failed on this model: {type(exc).__name__}: {exc}") from exc
+            why = explain(exc) or f"{type(exc).__name__}: {exc}"
+            raise BadInput(f"pass {p.name} failed on this model: {why}") from exc
         model = result.model
         stats = {"before": before, "after": model_stats(model), **getattr(result, "stats", {})}
         pass_log.append({"name": p.name, "params": p.config.model_dump(), "modified": result.modified, "stats": stats})

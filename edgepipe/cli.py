@@ -23,18 +23,64 @@ def _console():
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from edgepipe.build import build
     from edgepipe.recipe import load_recipe
-    from edgepipe.report import write_report
 
     recipe = load_recipe(args.recipe)
     only = [t.strip() for t in args.target.split(",") if t.strip()] if args.target else None
-    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     out = Path(args.output)
-    results = build(recipe, out, only=only, force=args.force, log=log)
+    if args.dry_run:
+        from edgepipe.dryrun import dry_run
+
+        for line in dry_run(recipe, out, only, args.force):
+            print(f"ok   {line}")
+        print("dry run: passed (nothing was built)")
+        return 0
+    from edgepipe.archive import pack
+    from edgepipe.build import build
+    from edgepipe.progress import Progress
+    from edgepipe.report import write_report
+
+    # With --json, stdout carries only the JSON summary; progress goes to stderr.
+    progress = Progress(quiet=args.quiet, stream=sys.stderr if args.json else sys.stdout)
+    try:
+        results = build(recipe, out, only=only, force=args.force, log=progress)
+    finally:
+        progress.close()
+    archives = {}
+    if args.archive:
+        for r in results:
+            if r.folder is not None:
+                archives[r.target] = pack(r.folder, r.folder.parent / f"{recipe.name}-{r.target}.tar.gz")
     report = write_report(out / recipe.name, recipe.name, results)
-    _summary(results, report, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(_json_summary(recipe.name, results, report, archives), indent=2))
+    else:
+        _summary(results, report, quiet=args.quiet)
+        for target, path in archives.items():
+            print(f"archive ({target}): {path}")
     return 0 if all(r.passed for r in results) else 1
+
+
+def _json_summary(name: str, results, report: Path, archives: dict) -> dict:
+    return {
+        "name": name,
+        "passed": all(r.passed for r in results),
+        "report": str(report),
+        "targets": [
+            {
+                "target": r.target,
+                "passed": r.passed,
+                "error": r.error,
+                "folder": str(r.folder) if r.folder else None,
+                "archive": str(archives[r.target]) if r.target in archives else None,
+                "accuracy": r.manifest.get("accuracy"),
+                "size": r.manifest.get("size"),
+                "latency": r.manifest.get("latency"),
+                "content_sha256": r.manifest.get("content_sha256"),
+            }
+            for r in results
+        ],
+    }
 
 
 def _summary(results, report: Path, quiet: bool) -> None:
@@ -62,12 +108,17 @@ def _summary(results, report: Path, quiet: bool) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from edgepipe.archive import extracted, is_archive
     from edgepipe.verify import junit_xml, verify
 
     folder = Path(args.artifact)
-    if not folder.is_dir():
-        raise BadInput(f"{folder} is not a folder; pass an artifact folder OUT/<name>/<target>")
-    checks = verify(folder)
+    if is_archive(folder):
+        with extracted(folder) as inner:
+            checks = verify(inner)
+    elif folder.is_dir():
+        checks = verify(folder)
+    else:
+        raise BadInput(f"{folder} is not an artifact folder or .tar.gz; pass OUT/<name>/<target> or its archive")
     for c in checks:
         print(f"{'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
     if args.junit:
@@ -128,9 +179,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--target", help="comma-separated subset of the recipe's targets")
     b.add_argument("--force", action="store_true", help="replace existing artifacts")
     b.add_argument("-q", "--quiet", action="store_true", help="print only the summary lines")
+    b.add_argument("--dry-run", action="store_true", help="check recipe, data, passes and output folder; build nothing")
+    b.add_argument("--archive", action="store_true", help="also write OUT/<name>/<name>-<target>.tar.gz (reproducible)")
+    b.add_argument("--json", action="store_true", help="print a JSON summary on stdout (progress on stderr)")
     b.set_defaults(func=cmd_build)
     v = sub.add_parser("verify", help="re-hash an artifact and rerun its golden I/O")
-    v.add_argument("artifact")
+    v.add_argument("artifact", help="artifact folder or its .tar.gz")
     v.add_argument("--junit", help="write a JUnit XML report here")
     v.set_defaults(func=cmd_verify)
     be = sub.add_parser("bench", help="latency, throughput, load time, peak memory")
@@ -165,6 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgepipe: interrupted; nothing was published", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permissions, vanished files: the user's environment
+        if debug:
+            traceback.print_exc()
+        from edgepipe.errors import explain
+
+        print(f"edgepipe: error: {explain(exc) or one_line(str(exc))}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug: one line, the traceback with --debug
         if debug:
             traceback.print_exc()

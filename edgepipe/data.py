@@ -65,7 +65,8 @@ def _npz_batches(path: Path) -> Iterator[Labelled]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
-        raise BadInput(f"{path}: not a readable .npz file ({exc})") from None
+        why = "corrupt, or holds pickled objects, which edgepipe never loads" if "pickle" in str(exc) else str(exc)
+        raise BadInput(f"{path}: not a readable .npz file ({why}); save plain arrays with numpy.savez") from None
     labels = arrays.pop("labels", None)
     if not arrays:
         raise BadInput(f"{path}: holds no input arrays")

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 
 class EdgepipeError(Exception):
-    """Base of every error edgepipe reports to a user; ``exit_code`` is the CLI's."""
+    """Base of every error edgepipe reports to a user; ``exit_code`` is the CLI's.
+
+    The message is always one line: users read the first line and CI logs grep it.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 class BadInput(EdgepipeError):
@@ -24,3 +30,28 @@ class CheckFailed(EdgepipeError):
 def one_line(text: str) -> str:
     """Collapse a message to one line (users read the first line; CI logs grep it)."""
     return " ".join(str(text).split())
+
+
+# Known failure texts from onnx / onnxruntime / torch / protobuf, turned into what to do about them.
+KNOWN_ERRORS: list[tuple[str, str]] = [
+    ("Unsupported model IR version", "the model's IR version is newer than this onnxruntime supports; export with an older opset/IR or upgrade onnxruntime"),
+    ("is under development and support for this is limited", "the model's opset is newer than this onnxruntime supports; export with a lower opset (model.opset in the recipe)"),
+    ("is not a registered function/op", "the model uses an op this onnxruntime does not know (a custom domain?); register its custom-op library or replace the op"),
+    ("Failed to find kernel for", "onnxruntime has no kernel for an op/type in this model; keep that node in float32 or pick another target/provider"),
+    ("2GB", "the model exceeds protobuf's 2 GB limit; save it with external data (edgepipe does this for large models) or check the source"),
+    ("exceeds maximum protobuf size", "the model exceeds protobuf's 2 GB limit; use external data"),
+    ("No space left on device", "the disk is full; free space or choose another -o folder"),
+    ("Permission denied", "a file or folder is not writable/readable; check permissions or choose another -o folder"),
+    ("data-dependent", "the model branches on tensor values (data-dependent control flow); rewrite with torch.where / torch.cond, or try model.exporter: torchscript and check the result"),
+    ("is not supported", "the exporter does not support an operator at this opset; try a newer opset (model.opset) or model.exporter: torchscript"),
+]
+
+
+def explain(exc: BaseException) -> str | None:
+    """The actionable line for a known third-party failure, or None."""
+    text = f"{type(exc).__name__}: {exc}"
+    for needle, advice in KNOWN_ERRORS:
+        if needle in text:
+            first = one_line(text)
+            return f"{advice} ({first[:240]})"
+    return None

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +16,9 @@ import numpy as np
 import onnx
 
 from edgepipe.accuracy import compare
-from edgepipe.errors import BadInput, CheckFailed, one_line
+from edgepipe.errors import BadInput, CheckFailed, explain, one_line
 from edgepipe.loader import load_callable
+from edgepipe.passes.base import external_threshold
 from edgepipe.recipe import Recipe
 from edgepipe.runtime import Runner
 
@@ -24,6 +26,8 @@ Batch = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 InputSpecs = dict[str, tuple[str, list[int | str]]]
 EXPORT_ATOL, EXPORT_RTOL = 1e-4, 1e-3
+# TracerWarnings that mean a tensor value decided Python control flow during tracing.
+_FROZEN = re.compile(r"Python (boolean|value|index|integer|float)|might cause the trace to be incorrect")
 ONNX_TO_NP = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
 
 
@@ -63,12 +67,19 @@ def onnx_io(path: Path) -> tuple[InputSpecs, list[str]]:
     return specs, [o.name for o in model.graph.output]
 
 
-def load_onnx_source(recipe: Recipe, workdir: Path) -> Source:
-    path = recipe.path(recipe.model.onnx or "")
+def check_onnx_file(path: Path) -> None:
+    """onnx.checker on a file, every failure (corrupt bytes included) as one BadInput line."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise BadInput(f"{path} is empty (0 bytes); re-export the model")
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise BadInput(one_line(f"{path} is not a valid ONNX model: {exc}")) from None
+        raise BadInput(f"{path} is not a valid ONNX model: {exc}") from None
+
+
+def load_onnx_source(recipe: Recipe, workdir: Path) -> Source:
+    path = recipe.path(recipe.model.onnx or "")
+    check_onnx_file(path)
     inputs, outputs = onnx_io(path)
     _check_declared(recipe, inputs, outputs, path.name)
     runner = Runner(path)
@@ -160,7 +171,13 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
         return _name_outputs(result, recipe.outputs)
 
     example = sample_batch(specs, real, export_sizes)
-    out_names = list(reference(example))
+    try:
+        out_names = list(reference(example))
+    except BadInput:
+        raise
+    except Exception as exc:
+        shapes = {k: list(v.shape) for k, v in example.items()}
+        raise BadInput(one_line(f"the model fails on inputs shaped like the recipe's {shapes}: {type(exc).__name__}: {exc}; check inputs[].shape and dtype")) from None
     dynamic_axes = {n: {a: d for a, d in enumerate(s) if isinstance(d, str)} for n, (_, s) in specs.items()}
     dynamic_axes = {k: v for k, v in dynamic_axes.items() if v}
     path = workdir / "source.onnx"
@@ -168,8 +185,8 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
     kwargs = {"opset_version": recipe.model.opset} if recipe.model.opset else {}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("always")
             torch.onnx.export(
                 module,
                 args,
@@ -178,11 +195,20 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
                 output_names=out_names,
                 dynamic_axes=dynamic_axes or None,
                 dynamo=recipe.model.exporter == "dynamo",
-                external_data=False,
+                external_data=_param_bytes(module) > external_threshold(),
                 **kwargs,
             )
     except Exception as exc:
-        raise BadInput(one_line(f"torch.onnx export failed ({recipe.model.exporter} exporter): {type(exc).__name__}: {exc}")) from None
+        why = explain(exc) or f"{type(exc).__name__}: {exc}"
+        raise BadInput(f"torch.onnx export failed ({recipe.model.exporter} exporter): {why}") from None
+    frozen = [w for w in caught if type(w.message).__name__ == "TracerWarning" and _FROZEN.search(str(w.message))]
+    if frozen:
+        w = frozen[0]
+        raise CheckFailed(
+            f"export check failed: the tracer froze data-dependent control flow at {Path(w.filename).name}:{w.lineno} "
+            f"({str(w.message).split('.')[0]}); the ONNX graph would take one branch for every input — use torch.where, "
+            "or exporter: dynamo with torch.cond"
+        )
     onnx.checker.check_model(str(path))
     checks = verify_export(path, reference, specs, real, export_sizes)
     return Source(path, reference, onnx_io(path)[0], out_names, "torch", _module_digest(module), checks)
@@ -204,6 +230,10 @@ def _name_outputs(result: object, names: list[str] | None) -> Outputs:
     if len(names) != len(values):
         raise BadInput(f"recipe names {len(names)} outputs {names} but the model returns {len(values)}")
     return {n: v.detach().cpu().numpy() for n, v in zip(names, values, strict=True)}
+
+
+def _param_bytes(module: object) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())  # type: ignore[attr-defined]
 
 
 def _module_digest(module: object) -> str:

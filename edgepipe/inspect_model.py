@@ -21,7 +21,7 @@ def read_onnx(path: Path) -> onnx.ModelProto:
         raise BadInput(f"{path} is empty (0 bytes); re-export the model")
     try:
         model = onnx.load(str(path))
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+    except (DecodeError, RuntimeError, ValueError, OSError, UnicodeDecodeError) as exc:
         raise BadInput(one_line(f"{path} is not an ONNX model (or is truncated): {exc}")) from None
     if not model.graph.node and not model.graph.output:
         raise BadInput(f"{path} is not an ONNX model (no graph); check the file")
@@ -32,7 +32,10 @@ def inspect_model(path: Path) -> dict[str, Any]:
     import onnx_ir as ir
 
     proto = read_onnx(path)
-    model = ir.from_proto(proto)
+    try:
+        model = ir.from_proto(proto)
+    except Exception as exc:  # parsed as protobuf, but not a coherent graph
+        raise BadInput(f"{path} is not a well-formed ONNX model: {type(exc).__name__}: {exc}") from None
     inits = {i.name for i in proto.graph.initializer}
 
     def io(values):

@@ -104,7 +104,7 @@ class TargetSpec(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str
     model: ModelSource
     inputs: list[InputSpec] | None = None
     outputs: list[str] | None = None
@@ -112,6 +112,13 @@ class Recipe(Strict):
     accuracy: AccuracySpec = AccuracySpec(max_drop=0.01)
     targets: dict[str, TargetSpec] = Field(default_factory=lambda: {"cpu": TargetSpec()})
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+            raise ValueError("use letters, digits, '.', '_' and '-' only (it names the output folder)")
+        return name
 
     @field_validator("targets", mode="before")
     @classmethod

@@ -1,45 +1,152 @@
-"""report.html: every target of a build side by side (self-contained, offline)."""
+"""report.html: every target of a build side by side, with inline SVG plots (offline, no CDN)."""
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
+from typing import Any
 
 from edgepipe.build import TargetResult
 
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222;max-width:1200px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.3em .6em;vertical-align:top;font-size:.9em}
+th{background:#f4f4f4;text-align:left}.ok{color:#070;font-weight:600}.bad{color:#b00;font-weight:600}
+.warn{background:#fff6d6;padding:.4em .7em;border-left:4px solid #e0a800;margin:.4em 0}
+.plots{display:flex;flex-wrap:wrap;gap:2em}figure{margin:0}figcaption{font-size:.85em;color:#555}
+code{font-size:.85em}details{margin:.4em 0}
+"""
 
-def _size(result: TargetResult) -> int:
-    files = result.manifest.get("files", {})
-    model = result.manifest.get("model_file")
-    if result.folder is not None and model and (result.folder / model).exists():
-        return (result.folder / model).stat().st_size
-    return 0 if not files else -1
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
 
 
-def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
+def _model_size(r: TargetResult) -> int:
+    return int(r.manifest.get("size", {}).get("model_bytes", 0))
+
+
+def _scatter(results: list[TargetResult]) -> str:
+    """Size (x) vs p50 latency (y), each target a labelled dot with its metric value."""
+    pts = [(r, _model_size(r) / 1024, r.manifest.get("latency", {}).get("p50_ms", 0.0)) for r in results if r.manifest]
+    if not pts:
+        return ""
+    w, h, pad = 480, 300, 68
+    xmax = max(p[1] for p in pts) * 1.15 or 1
+    ymax = max(p[2] for p in pts) * 1.15 or 1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="size vs latency">',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="#333"/>',
+             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
+             f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle" font-size="12">model size (KiB)</text>',
+             f'<text x="12" y="{h / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 12 {h / 2})">p50 latency, batch 1 (ms)</text>']
+    for i in range(5):
+        fx, fy = i / 4 * xmax, i / 4 * ymax
+        x = pad + (w - pad - 10) * i / 4
+        y = h - pad - (h - pad - 10) * i / 4
+        parts.append(f'<text x="{x}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{fx:.0f}</text>')
+        parts.append(f'<text x="{pad - 4}" y="{y + 3}" text-anchor="end" font-size="10">{fy:.3g}</text>')
+    for i, (r, sx, sy) in enumerate(pts):
+        x = pad + (w - pad - 10) * sx / xmax
+        y = h - pad - (h - pad - 10) * sy / ymax
+        acc = r.manifest.get("accuracy", {})
+        color = COLORS[i % len(COLORS)]
+        label = f"{r.target} ({acc.get('metric', '')} {acc.get('value', 0):.3f})"
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="{color}" stroke="{"#070" if r.passed else "#b00"}" stroke-width="2"/>')
+        right = x > w * 0.6  # keep labels inside the plot
+        parts.append(f'<text x="{x + (-10 if right else 10):.1f}" y="{y - 10:.1f}" font-size="11" text-anchor="{"end" if right else "start"}">{_e(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _bars(title: str, rows: list[tuple[str, float]], unit: str = "", ref: float | None = None, zoom: bool = False) -> str:
+    """Horizontal bars (label, value); an optional dashed reference line; ``zoom`` starts the axis near the data."""
+    if not rows:
+        return ""
+    w, bar, pad = 460, 22, 170
+    h = 30 + bar * len(rows)
+    values = [v for _, v in rows] + ([ref] if ref is not None else [])
+    lo = min(0.0, *(v for _, v in rows))
+    if zoom:
+        spread = max(values) - min(values)
+        lo = min(values) - max(spread, 0.02 * abs(max(values)) or 0.01)
+    hi = max(*(v for _, v in rows), ref if ref is not None else 0.0) or 1.0
+    span = (hi - lo) or 1.0
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{_e(title)}">']
+    for i, (label, v) in enumerate(rows):
+        y = 10 + i * bar
+        x0 = pad + ((lo if zoom else 0.0) - lo) / span * (w - pad - 60)
+        x1 = pad + (v - lo) / span * (w - pad - 60)
+        parts.append(f'<text x="{pad - 6}" y="{y + 14}" text-anchor="end" font-size="11">{_e(label[:28])}</text>')
+        parts.append(f'<rect x="{min(x0, x1):.1f}" y="{y + 3}" width="{max(abs(x1 - x0), 1):.1f}" height="{bar - 6}" fill="{COLORS[i % len(COLORS)]}"/>')
+        parts.append(f'<text x="{max(x0, x1) + 4:.1f}" y="{y + 14}" font-size="10">{v:.4g}{unit}</text>')
+    if ref is not None:
+        xr = pad + (ref - lo) / span * (w - pad - 60)
+        parts.append(f'<line x1="{xr:.1f}" y1="5" x2="{xr:.1f}" y2="{h - 10}" stroke="#333" stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{xr:.1f}" y="{h - 1}" text-anchor="middle" font-size="10">reference</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _summary_table(results: list[TargetResult]) -> str:
     rows = []
     for r in results:
         m = r.manifest
-        acc = m.get("accuracy", {})
-        lat = m.get("latency", {})
-        passes = "<br>".join(
-            f"{html.escape(p['name'])}: nodes {p['stats']['before']['nodes']}→{p['stats']['after']['nodes']}, "
-            f"bytes {p['stats']['before']['bytes']:,}→{p['stats']['after']['bytes']:,}"
-            for p in m.get("passes", [])
-        )
-        status = "passed" if r.passed else f"FAILED ({html.escape(r.error or '')})"
+        acc, lat, size = m.get("accuracy", {}), m.get("latency", {}), m.get("size", {})
+        status = "<span class='ok'>passed</span>" if r.passed else f"<span class='bad'>FAILED</span> {_e(r.error or '')}"
         rows.append(
-            f"<tr><td>{html.escape(r.target)}</td><td class='{'ok' if r.passed else 'bad'}'>{status}</td>"
-            f"<td>{_size(r):,}</td><td>{acc.get('metric', '')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f}"
-            f" (drop {acc.get('drop', 0):+.4f})</td><td>{lat.get('p50_ms', '')}</td><td>{passes}</td></tr>"
+            f"<tr><td>{_e(r.target)}</td><td>{status}</td><td>{_e(m.get('model_file', ''))}</td>"
+            f"<td>{size.get('model_bytes', 0) / 1024:,.1f} KiB ({size.get('ratio', 0):.0%} of fp32)</td>"
+            f"<td>{_e(acc.get('metric', ''))}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f} "
+            f"(drop {acc.get('drop', 0):+.4f}; budget {_e(acc.get('budget', {}))}; {_e(acc.get('data', ''))} data, {acc.get('samples', 0)} samples)</td>"
+            f"<td>{lat.get('p50_ms', 0):.3f} / {lat.get('p90_ms', 0):.3f}</td>"
+            f"<td>{_e(', '.join(m.get('runtime', {}).get('providers', [])))}</td></tr>"
         )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edgepipe: {html.escape(name)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.4em .7em;vertical-align:top}}.ok{{color:#070}}.bad{{color:#b00}}</style></head>
-<body><h1>edgepipe build: {html.escape(name)}</h1>
-<table><tr><th>target</th><th>status</th><th>model bytes</th><th>accuracy (reference → artifact)</th><th>p50 ms (batch 1)</th><th>passes</th></tr>
-{''.join(rows)}</table></body></html>
-"""
+    head = "<tr><th>target</th><th>status</th><th>file</th><th>size</th><th>accuracy (reference → artifact)</th><th>p50 / p90 ms (b1)</th><th>ran on</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _fmt_stats(stats: dict) -> str:
+    b, a = stats.get("before", {}), stats.get("after", {})
+    core = (f"nodes {b.get('nodes')}→{a.get('nodes')}, params {b.get('params', 0):,}→{a.get('params', 0):,}, "
+            f"bytes {b.get('bytes', 0):,}→{a.get('bytes', 0):,}, sparsity {b.get('sparsity', 0):.1%}→{a.get('sparsity', 0):.1%}")
+    extra = {k: v for k, v in stats.items() if k not in ("before", "after")}
+    more = f"<details><summary>details</summary><code>{_e(json.dumps(extra, default=str)[:4000])}</code></details>" if extra else ""
+    return core + more
+
+
+def _target_section(r: TargetResult) -> str:
+    m = r.manifest
+    rows = "".join(
+        f"<tr><td>{_e(p['name'])}</td><td><code>{_e(json.dumps(p.get('params', {}), default=str)[:300])}</code></td>"
+        f"<td>{_fmt_stats(p.get('stats', {}))}</td></tr>"
+        for p in m.get("passes", [])
+    )
+    warnings = "".join(f"<div class='warn'>{_e(w)}</div>" for w in m.get("warnings", []))
+    sens = m.get("sensitivity") or []
+    sens_plot = ""
+    if sens:
+        top = sorted(sens, key=lambda s: -abs(s.get("gain", s.get("delta", 0))))[:15]
+        sens_plot = "<figure>" + _bars("sensitivity", [(s.get("node", "?"), s.get("gain", s.get("delta", 0))) for s in top]) + \
+            "<figcaption>per-node sensitivity: metric gained when that node alone stays in float</figcaption></figure>"
+    known = {"passes", "warnings", "sensitivity", "files", "digest", "content_sha256", "schema_version"}
+    rest = {k: v for k, v in m.items() if k not in known}
+    return (f"<h2>{_e(r.target)}: {_e(m.get('description', ''))}</h2>{warnings}"
+            f"<table><tr><th>pass</th><th>params</th><th>what it did</th></tr>{rows}</table>{sens_plot}"
+            f"<details><summary>manifest</summary><pre>{_e(json.dumps(rest, indent=2, default=str)[:20000])}</pre></details>")
+
+
+def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
+    acc_rows = [(r.target, float(r.manifest.get("accuracy", {}).get("value", 0))) for r in results if r.manifest]
+    ref = next((r.manifest["accuracy"]["reference"] for r in results if r.manifest.get("accuracy")), None)
+    metric = next((r.manifest["accuracy"]["metric"] for r in results if r.manifest.get("accuracy")), "")
+    plots = (f"<div class='plots'><figure>{_scatter(results)}<figcaption>size vs latency (dot outline: green passed, red failed)</figcaption></figure>"
+             f"<figure>{_bars('accuracy', acc_rows, ref=ref, zoom=True)}<figcaption>{_e(metric)} per target (axis zoomed); dashed: reference model</figcaption></figure></div>")
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>edgepipe: {_e(name)}</title>"
+            f"<style>{CSS}</style></head><body><h1>edgepipe build: {_e(name)}</h1>"
+            f"{_summary_table(results)}{plots}{''.join(_target_section(r) for r in results)}</body></html>\n")
     path = root / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

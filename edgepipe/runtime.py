@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from edgepipe.errors import BadInput, one_line
+from edgepipe.errors import BadInput, explain, one_line
 
 ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -20,6 +21,16 @@ ORT_DTYPES = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+
+
+def ort_reason(exc: BaseException) -> str:
+    """ORT's load error without its C++ source location, advice first when we know the failure."""
+    text = one_line(str(exc))
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Load model from \S+ failed:", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ [^)]*\) ", "", text).strip()
+    advice = explain(exc)
+    return f"{advice.split(' (')[0]}: {text[:300]}" if advice else text[:400]
 
 
 class Runner:
@@ -46,7 +57,7 @@ class Runner:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=usable)
         except Exception as exc:
-            raise BadInput(one_line(f"onnxruntime {ort.__version__} cannot load {path}: {exc}")) from None
+            raise BadInput(f"onnxruntime {ort.__version__} cannot load {path}: {ort_reason(exc)}") from None
         self.load_seconds = time.perf_counter() - start
         # ORT silently falls back to CPU for providers it lacks: record what really runs.
         self.providers = self.session.get_providers()

@@ -55,7 +55,10 @@ def _check_golden(folder: Path, manifest: dict) -> list[Check]:
         providers=runtime.get("providers"),
         session_config=runtime.get("session_config"),
     )
-    inputs, expected, _ = load_golden(folder / GOLDEN)
+    try:
+        inputs, expected, _ = load_golden(folder / GOLDEN)
+    except (OSError, ValueError, KeyError) as exc:  # pickled or corrupt: never unpickled, never trusted
+        return [Check("golden", False, f"{GOLDEN} is unreadable without unpickling or corrupt: {exc}")]
     got = runner.run(inputs)
     checks = []
     for name, want in expected.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -66,18 +67,35 @@ def clone(model: ir.Model) -> ir.Model:
     return ir.from_proto(ir.to_proto(model))
 
 
+def external_threshold() -> int:
+    """Weight bytes above which models are saved with external data (protobuf's limit is 2 GB).
+
+    ``EDGEPIPE_EXTERNAL_DATA_THRESHOLD`` lowers it, so tests run the large-model path on small models.
+    """
+    return int(os.environ.get("EDGEPIPE_EXTERNAL_DATA_THRESHOLD", 1_500_000_000))
+
+
+def is_large(model: ir.Model) -> bool:
+    return weight_bytes(model) > external_threshold()
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
 def save(model: ir.Model, path: Path) -> Path:
-    """Write a model as one file (external data above 1.5 GB, beside it)."""
-    proto = ir.to_proto(model)
-    if proto.ByteSize() > 1_500_000_000:
+    """Write a model; large ones put their weights in ``<file>.data`` beside it (a stable name)."""
+    if is_large(model):
         ir.save(model, path, external_data=path.name + ".data")
     else:
-        onnx.save_model(proto, str(path))
+        onnx.save_model(ir.to_proto(model), str(path))
     return path
 
 
 def load(path: Path) -> ir.Model:
-    return ir.load(path)
+    """Read a model with its weights in memory (external data included, so copies stay valid)."""
+    model = ir.load(path)
+    return ir.external_data.load_to_model(model)
 
 
 def model_stats(model: ir.Model) -> dict[str, float | int]:

@@ -6,7 +6,7 @@ from typing import Literal
 
 import onnx_ir as ir
 import onnxruntime as ort
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, load, save
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, is_large, load, save
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -34,6 +34,9 @@ class OrtOptimize(EdgepipePass):
         options.graph_optimization_level = LEVELS[self.config.level]
         options.optimized_model_filepath = str(out)
         options.log_severity_level = 3
+        if is_large(model):
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
         ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
         result = load(out)
         before = [n.op_type for n in model.graph]

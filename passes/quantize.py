@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import onnx_ir as ir
-from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, load, save
+from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, save
 from edgepipe.passes.float_guard import attention_mask_nodes, name_nodes
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -145,6 +145,7 @@ class QuantizeDynamic(EdgepipePass):
                 reduce_range=c.reduce_range,
                 weight_type=INT8[c.weight_type],
                 nodes_to_exclude=list(c.nodes_to_exclude),
+                use_external_data_format=is_large(model),
                 extra_options={"DefaultTensorType": 1},  # FLOAT, for fused graphs without full types
             )
         result = load(out)
@@ -191,6 +192,7 @@ class QuantizeStatic(EdgepipePass):
                 weight_type=INT8[c.weight_type],
                 nodes_to_exclude=exclude,
                 calibrate_method=CALIBRATION[c.calibration],
+                use_external_data_format=is_large(model),
                 extra_options=extra,
             )
         if reader.samples == 0:

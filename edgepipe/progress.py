@@ -1,0 +1,38 @@
+"""Progress for long steps: a live spinner on a terminal, plain lines otherwise (CI logs)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+
+class Progress:
+    """Callable logger: ``progress("export ...")`` prints a line; on a TTY a spinner shows the current step."""
+
+    def __init__(self, quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self._status = None
+        if self.tty and not quiet:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream, highlight=False)
+
+    def __call__(self, message: str) -> None:
+        if self.quiet:
+            return
+        if not self.tty:
+            print(message, file=self.stream, flush=True)
+            return
+        self._console.print(message, markup=False)
+        if self._status is None:
+            self._status = self._console.status(message.strip())
+            self._status.start()
+        else:
+            self._status.update(message.strip())
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None

@@ -1,0 +1,104 @@
+"""Builds CI can trust: reproducible, atomic under kills and concurrency, large-model path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import DIGITS
+
+from edgepipe.cli import main
+
+RECIPE = str(DIGITS / "recipe.yaml")
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _spawn(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgepipe", "build", RECIPE, "-o", str(out), "--force", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+
+
+def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if root.is_dir() and any(p.name.startswith(".cpu.tmp-") for p in root.iterdir()):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the build never reached its staging step")
+
+
+def test_rebuild_is_byte_identical(digits_build, tmp_path):
+    assert main(["build", RECIPE, "-o", str(tmp_path), "-q"]) == 0
+    first, second = _manifest(digits_build / "cpu"), _manifest(tmp_path / "digits-cnn" / "cpu")
+    assert first["files"] == second["files"]
+    assert first["content_sha256"] == second["content_sha256"]
+    for name in first["files"]:
+        assert (digits_build / "cpu" / name).read_bytes() == (tmp_path / "digits-cnn" / "cpu" / name).read_bytes()
+
+
+def test_killed_build_leaves_existing_artifact_whole(digits_build, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(digits_build, out / "digits-cnn")
+    before = (out / "digits-cnn" / "cpu" / "manifest.json").read_bytes()
+    proc = _spawn(out)
+    _wait_for_staging(out / "digits-cnn", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cpu = out / "digits-cnn" / "cpu"
+    assert (cpu / "manifest.json").read_bytes() == before
+    assert main(["verify", str(cpu)]) == 0
+    # The next build sweeps what the killed one left behind.
+    assert main(["build", RECIPE, "-o", str(out), "--force", "-q"]) == 0
+    assert sorted(p.name for p in (out / "digits-cnn").iterdir()) == ["cpu", "report.html"]
+
+
+def test_interrupted_build_cleans_up_and_exits_130(tmp_path):
+    out = tmp_path / "out"
+    proc = _spawn(out)
+    _wait_for_staging(out / "digits-cnn", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    # Either the interrupt landed mid-build (130, nothing published) or the build had just finished.
+    if proc.returncode == 130:
+        assert "interrupted" in err and "Traceback" not in err
+        assert not (out / "digits-cnn" / "cpu").exists()
+    else:
+        assert proc.returncode == 0 and main(["verify", str(out / "digits-cnn" / "cpu")]) == 0
+    assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]
+
+
+def test_concurrent_builds_into_one_folder(tmp_path):
+    out = tmp_path / "out"
+    procs = [_spawn(out), _spawn(out)]
+    logs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert main(["verify", str(out / "digits-cnn" / "cpu")]) == 0
+    assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]
+    # Not a terminal: plain lines, no progress-bar escape codes in a CI log.
+    assert all("\x1b[" not in stdout for stdout, _ in logs)
+    assert "check top1" in logs[0][0]
+
+
+def test_large_model_path_uses_external_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPIPE_EXTERNAL_DATA_THRESHOLD", "1000")
+    assert main(["build", RECIPE, "-o", str(tmp_path), "-q"]) == 0
+    cpu = tmp_path / "digits-cnn" / "cpu"
+    assert set(_manifest(cpu)["files"]) == {"model.onnx", "model.onnx.data", "golden.npz"}
+    assert (cpu / "model.onnx.data").stat().st_size > (cpu / "model.onnx").stat().st_size
+    assert _manifest(cpu)["accuracy"]["passed"]
+    assert main(["verify", str(cpu)]) == 0
+    (cpu / "model.onnx.data").write_bytes(b"\0" * 16)
+    assert main(["verify", str(cpu)]) == 1
