@@ -10,7 +10,7 @@ from edgepipe.passes.base import load
 from edgepipe.passes.float_guard import attention_mask_nodes
 from edgepipe.passes.int4 import QuantizeInt4
 from edgepipe.passes.quantize import QuantizeStatic
-from passes_util import check_contract, digits_train, make_model, node, run, same, tensor, top1
+from passes_util import I64, check_contract, digits_train, make_model, node, run, same, tensor, top1
 
 RNG = np.random.default_rng(3)
 
@@ -121,3 +121,15 @@ def test_static_keeps_the_attention_mask_in_float(tmp_path):
 
     assert cosine(guarded.model) > 0.99
     assert cosine(naive.model) < cosine(guarded.model) - 0.1  # what the guard prevents
+
+
+def test_int4_gather_option_quantizes_embeddings_too():
+    table = RNG.standard_normal((64, 32)).astype(np.float32)
+    w = RNG.standard_normal((32, 16)).astype(np.float32)
+    nodes = [node("Gather", ["E", "ids"], ["h"]), node("MatMul", ["h", "W"], ["y"])]
+    model = make_model(nodes, {"E": table, "W": w}, [tensor("ids", ["n", 5], I64)], [tensor("y", ["n", 5, 16])])
+    result = QuantizeInt4(QuantizeInt4.Config(gather=True))(model)
+    assert result.stats["GatherBlockQuantized"] == 1 and result.stats["MatMulNBits"] == 1
+    ids = RNG.integers(0, 64, (2, 5)).astype(np.int64)
+    got, ref = run(result.model, {"ids": ids})[0], run(model, {"ids": ids})[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.2
