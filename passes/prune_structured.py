@@ -89,7 +89,10 @@ class PruneStructured(EdgepipePass):
 
 
 def _with_shapes(model: ir.Model) -> ir.Model:
+    """A copy to trace on: identities removed, Constant nodes lifted (so shared biases read as constants), shapes."""
     out = clone(model)
+    common.IdentityEliminationPass()(out)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(out)
     try:
         common.ShapeInferencePass()(out)  # Flatten/Reshape need the channel tensor's static shape
     except Exception:  # noqa: BLE001 - shapes are a help, not a requirement; unknown ones make groups skip
@@ -130,10 +133,12 @@ def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig,
                 compensate(group, dropped, activity, _set_input)
             _apply(group, keep)
             layers[node.name or node.outputs[0].name] = f"{group.channels}→{len(keep)} ({', '.join(group.consumers)})"
-    if sparsity > 0:
-        set_marker(out, "prune.structured", f"sparsity={sparsity:g}")
+    stats = {"sparsity": sparsity, "layers": layers, "skipped": skipped}
+    if not layers:  # nothing cut: hand back the model as it came, not the normalized copy
+        return clone(model), stats
+    set_marker(out, "prune.structured", f"sparsity={sparsity:g}")
     common.RemoveUnusedNodesPass()(out)
-    return out, {"sparsity": sparsity, "layers": layers, "skipped": skipped}
+    return out, stats
 
 
 def _weight(node: ir.Node) -> tuple[ir.Value, int] | None:
@@ -238,7 +243,7 @@ def _step(group: Group, node: ir.Node, index: int, value: ir.Value, space: Space
         group.edit(node, 1, 1 if _attr(node, "transB", 0) else 0, space.repeat, reader=True)
         group.reads.append((value.name, space))
         return []
-    if op == "MatMul" and index == 0 and node.inputs[1].const_value is not None and len(node.inputs[1].shape) == 2:
+    if op == "MatMul" and index == 0 and node.inputs[1].const_value is not None and len(node.inputs[1].const_value.shape) == 2:
         if _absolute(space, value) != (_rank(value) or 0) - 1 and space.axis != -1:
             raise Unsafe(f"{name}: channels are not on the last axis")
         group.edit(node, 1, 0, space.repeat, reader=True)

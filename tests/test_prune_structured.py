@@ -197,3 +197,17 @@ def test_activation_criterion_on_digits(digits_onnx, tmp_path):
     check_contract(pruned.model)
     assert model_stats(pruned.model)["params"] < 0.6 * model_stats(model)["params"]
     assert top1(pruned.model) >= top1(model) - 0.03  # L1 ranking loses 0.04 here
+
+
+def test_bias_behind_an_identity_is_still_a_constant():
+    """TorchScript exports equal biases once and feeds the copies through Identity nodes."""
+    model = _mlp([0, 2, 4, 6, 8, 10, 12, 14])
+    proto = ir.to_proto(model)
+    add = next(n for n in proto.graph.node if n.op_type == "Add")
+    add.input[1] = "B1_shared"
+    proto.graph.node.insert(0, node("Identity", ["B1"], ["B1_shared"]))
+    shared = ir.from_proto(proto)
+    result = _prune(shared)
+    assert result.stats["layers"] == {"h": "16→8 (y)"}
+    x = RNG.standard_normal((4, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(result.model, {"x": x})[0], run(shared, {"x": x})[0], rtol=1e-5, atol=1e-6)
