@@ -41,6 +41,7 @@ class Group:
     # (id(node), input index) → (node, input index, axis, repeat): constant inputs to slice
     edits: dict[tuple[int, int], tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=dict)
     reshapes: dict[tuple[int, int], tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=dict)
+    depthwise: list[ir.Node] = dataclasses.field(default_factory=list)  # their ``group`` becomes the kept width
     values: dict[int, tuple[ir.Value, Space]] = dataclasses.field(default_factory=dict)
     consumers: list[str] = dataclasses.field(default_factory=list)
     pending: list[tuple[str, ir.Value, Space]] = dataclasses.field(default_factory=list)  # operands to meet later
@@ -159,6 +160,8 @@ def _weight(node: ir.Node) -> tuple[ir.Value, int] | None:
 def trace(producer: ir.Node) -> Group:
     """Follow the producer's channels to their consumers; raises Unsafe when the path is not provable."""
     found = _weight(producer)
+    if found is None and producer.op_type == "Conv" and _attr(producer, "group", 1) > 1:
+        raise Unsafe("grouped/depthwise Conv: its channels are cut with the layer that feeds it")
     if found is None:
         raise Unsafe("weight is not a constant of a supported layout")
     weight, axis = found
@@ -235,6 +238,12 @@ def _step(group: Group, node: ir.Node, index: int, value: ir.Value, space: Space
         return [(node.outputs[0], space)]
     if op in ("Flatten", "Reshape") and index == 0:
         return [(node.outputs[0], _flatten(group, node, value, space))]
+    if op == "Conv" and index == 0 and _absolute(space, value) == 1 and space.repeat == 1 and _is_depthwise(node, group.channels):
+        group.edit(node, 1, 0)  # one filter per channel: channels pass through (MobileNet blocks)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            group.edit(node, 2, 0)
+        group.depthwise.append(node)
+        return [(node.outputs[0], space)]
     if op == "Conv" and index == 0 and _absolute(space, value) == 1 and space.repeat == 1 and _attr(node, "group", 1) == 1:
         group.edit(node, 1, 1, reader=True)
         group.reads.append((value.name, space))
@@ -250,6 +259,13 @@ def _step(group: Group, node: ir.Node, index: int, value: ir.Value, space: Space
         group.reads.append((value.name, space))
         return []
     raise Unsafe(f"{name}: channels reach {op} (input {index}), which this pass does not rewrite")
+
+
+def _is_depthwise(node: ir.Node, channels: int) -> bool:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is None or w.const_value is None or len(w.const_value.shape) < 3:
+        return False
+    return _attr(node, "group", 1) == channels > 1 and tuple(w.const_value.shape[:2]) == (channels, 1)
 
 
 def _absolute(space: Space, value: ir.Value) -> int | None:
@@ -350,6 +366,8 @@ def _apply(group: Group, keep: np.ndarray) -> None:
     n = len(keep)
     for node, index, axis, repeat in group.edits.values():
         _set_input(node, index, np.take(node.inputs[index].const_value.numpy(), _expand(keep, repeat), axis=axis))
+    for node in group.depthwise:
+        node.attributes["group"] = ir.AttrInt64("group", n)
     for node, index, position, repeat in group.reshapes.values():
         shape = node.inputs[index].const_value.numpy().copy()
         shape[position] = n * repeat

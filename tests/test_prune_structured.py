@@ -211,3 +211,29 @@ def test_bias_behind_an_identity_is_still_a_constant():
     assert result.stats["layers"] == {"h": "16→8 (y)"}
     x = RNG.standard_normal((4, 8)).astype(np.float32)
     np.testing.assert_allclose(run(result.model, {"x": x})[0], run(shared, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_mobilenet_block_prunes_through_the_depthwise_conv():
+    """pointwise (1x1) → Relu → depthwise 3x3 (group = channels) → Relu → pointwise: channels pass through."""
+    pw1 = RNG.standard_normal((8, 4, 1, 1)).astype(np.float32)
+    dead = [1, 2, 5, 7]
+    pw1[dead] = 0.0
+    dw = RNG.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    dwb = RNG.standard_normal(8).astype(np.float32)
+    dwb[dead] = -1.0  # relu(0 * w - 1) = 0: dead channels stay dead through the depthwise conv
+    pw2 = RNG.standard_normal((6, 8, 1, 1)).astype(np.float32)
+    nodes = [
+        node("Conv", ["x", "PW1"], ["a"]), node("Relu", ["a"], ["ar"]),
+        node("Conv", ["ar", "DW", "DWB"], ["d"], group=8, pads=[1, 1, 1, 1]), node("Relu", ["d"], ["dr"]),
+        node("Conv", ["dr", "PW2"], ["y"]),
+    ]
+    model = make_model(nodes, {"PW1": pw1, "DW": dw, "DWB": dwb, "PW2": pw2}, [tensor("x", ["n", 4, 5, 5])], [tensor("y", ["n", 6, 5, 5])])
+    result = _prune(model)
+    got = _inits(result.model)
+    assert got["PW1"].shape == (4, 4, 1, 1) and got["DW"].shape == (4, 1, 3, 3) and got["PW2"].shape == (6, 4, 1, 1)
+    depthwise = next(n for n in result.model.graph if n.name == "d")
+    assert depthwise.attributes["group"].as_int() == 4
+    assert "d" in result.stats["skipped"]  # the depthwise conv is not a producer of its own
+    check_contract(result.model)
+    x = RNG.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(run(result.model, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
