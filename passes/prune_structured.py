@@ -66,9 +66,10 @@ class PruneStructured(EdgepipePass):
     per-channel ops (bias Add, Relu/Gelu and their decompositions, BatchNorm,
     pooling, Flatten/Reshape into a Gemm) to the consumers that read it
     (Conv, Gemm, MatMul with constant weights). Channels are ranked by the L1
-    norm of the producer's weights and the weakest ``sparsity`` share of each
-    layer is cut from every tensor on the path, so the model gets smaller and
-    faster. A path that reaches anything else (a residual Add, a graph output,
+    norm of the producer's weights (``criterion: activation``: mean |activation|
+    on calibration data x consumer weights, the cut channels' mean folded into
+    the consumer's bias) and the weakest ``sparsity`` share of each layer is cut
+    from every tensor on the path, so the model gets smaller and faster. A path that reaches anything else (a residual Add, a graph output,
     a shared weight, an attention reshape) is skipped and reported.
     With ``max_drop`` instead of ``sparsity``, the highest sparsity within
     that accuracy drop is found by bisection (needs the build's evaluator).
