@@ -44,7 +44,8 @@ def validate_spec(spec: dict[str, Any]) -> tuple[type[EdgepipePass], Any]:
         if err["type"] == "extra_forbidden":
             valid = ", ".join(cls.Config.model_fields)
             raise ValueError(f"pass {name}: unknown option '{key}'; valid options: {valid or 'none'}") from None
-        raise ValueError(f"pass {name}: {key}: {err['msg']}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ValueError(f"pass {name}: {key + ': ' if key else ''}{msg}") from None
 
 
 def create(spec: dict[str, Any], context: PassContext) -> EdgepipePass:

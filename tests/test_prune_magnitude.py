@@ -104,3 +104,17 @@ def test_structured_budget_on_digits_with_real_accuracy(digits_onnx, tmp_path):
     assert any(row["drop"] > 0.02 for row in stats["curve"])  # the curve shows where it breaks
     x = np.zeros((1, 1, 8, 8), np.float32)
     assert run(result.model, {"image": x})[0].shape == (1, 10)
+
+
+def test_recipe_errors_for_the_new_options_are_one_clear_line():
+    from edgepipe.passes import validate_spec
+
+    cases = {
+        "pass prune.structured: give sparsity or max_drop, not both": {"name": "prune.structured", "sparsity": 0.5, "max_drop": 0.01},
+        "pass prune.magnitude: sparsity: Input should be less than 1": {"name": "prune.magnitude", "sparsity": 1.5},
+        "did you mean 'prune.structured'": {"name": "prune.structrued"},
+        "pass share.cluster: unknown option 'bitz'; valid options: bits": {"name": "share.cluster", "bitz": 4},
+    }
+    for expected, spec in cases.items():
+        with pytest.raises(ValueError, match=expected):
+            validate_spec(spec)
