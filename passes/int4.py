@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 import onnx_ir as ir
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 from edgepipe.passes.quantize import _already_quantized, _quiet
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from pydantic import Field, field_validator
 
 
@@ -45,6 +46,7 @@ class QuantizeInt4(EdgepipePass):
         c = self.config
         op_types = ("MatMul", "Gather") if c.gather else ("MatMul",)
         axes = (("MatMul", 0), ("Gather", 1)) if c.gather else (("MatMul", 0),)
+        MatMulNBitsQuantizer = _quantizer_class()  # noqa: N806
         work = clone(model)
         gemms = gemm_to_matmul(work) if c.gemm else 0
         quantizer = MatMulNBitsQuantizer(
@@ -63,6 +65,23 @@ class QuantizeInt4(EdgepipePass):
         result = ir.from_proto(proto)
         counts = {op: sum(1 for n in result.graph.all_nodes() if n.op_type == op) for op in ("MatMulNBits", "GatherBlockQuantized")}
         return StatsResult(result, modified=any(counts.values()), stats={"block_size": c.block_size, "gemm_rewritten": gemms, **counts})
+
+
+def _quantizer_class() -> type:
+    """Import ORT's int4 quantizer without its import-time ``logging.basicConfig(level=INFO)``.
+
+    That call would turn on INFO logs of every library (onnx-ir prints each
+    rewrite) for the whole process, e.g. the CLI's output.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.setLevel(level)
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    return MatMulNBitsQuantizer
 
 
 def gemm_to_matmul(model: ir.Model) -> int:

@@ -133,3 +133,17 @@ def test_int4_gather_option_quantizes_embeddings_too():
     ids = RNG.integers(0, 64, (2, 5)).astype(np.int64)
     got, ref = run(result.model, {"ids": ids})[0], run(model, {"ids": ids})[0]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.2
+
+
+def test_int4_import_leaves_the_root_logger_alone():
+    """ORT's int4 module calls logging.basicConfig(level=INFO) on import; the CLI must stay quiet."""
+    import logging
+    import sys
+
+    from edgepipe.passes.int4 import _quantizer_class
+
+    sys.modules.pop("onnxruntime.quantization.matmul_nbits_quantizer", None)
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    assert _quantizer_class().__name__ == "MatMulNBitsQuantizer"
+    assert root.level == level and root.handlers == handlers
