@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from edgepipe.targets.base import Emitted, Target, TargetContext
+from edgepipe.targets.base import Emitted, Target, TargetContext, Variant
 from edgepipe.targets.cpu import CpuTarget
 
 TARGETS: dict[str, type[Target]] = {cls.name: cls for cls in (CpuTarget,)}
 
-__all__ = ["TARGETS", "Emitted", "Target", "TargetContext"]
+__all__ = ["TARGETS", "Emitted", "Target", "TargetContext", "Variant"]
