@@ -7,6 +7,7 @@ import inspect
 import json
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, load, save
 from edgepipe.passes.quantize import CALIBRATION, _already_quantized, _quantized_nodes, _quiet, _Reader
@@ -79,7 +80,7 @@ class QuantizeTensorRt(EdgepipePass):
             raise BadInput("calibration data is empty: data.calibration yielded no batches")
         result = load(folder / "out.onnx")
         data = load_tensors_data(ranges_file)
-        ranges = {name: [float(v) for v in td.range_value] for name, td in data.items()}
+        ranges = {name: [float(np.min(td.range_value[0])), float(np.max(td.range_value[1]))] for name, td in data.items()}
         result.metadata_props[RANGES_KEY] = json.dumps({
             "method": c.calibration,
             "samples": reader.samples,
