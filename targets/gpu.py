@@ -10,10 +10,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 from edgepipe.passes.base import save
 from edgepipe.passes.tensorrt import pop_ranges
-
-import edgepipe
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from edgepipe.targets.trtcache import HEADER, amax, write_cache
+
+import edgepipe
 
 FP16_FILE = "model.onnx"
 INT8_FILE = "model.int8.qdq.onnx"

@@ -14,12 +14,12 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 from edgepipe.passes.base import save
+from edgepipe.targets import compat
+from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
 from edgepipe.errors import BadInput, one_line
-from edgepipe.targets import compat
-from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 
 REPORT = "usability_report.json"
 OPS_CONFIG = "required_operators.config"
