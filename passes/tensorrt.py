@@ -74,6 +74,8 @@ class QuantizeTensorRt(EdgepipePass):
                     "DedicatedQDQPair": True,
                     "QuantizeBias": False,
                     "MatMulConstBOnly": True,
+                    # TensorRT: quantize the inputs of weighted ops, not their outputs.
+                    "OpTypesToExcludeOutputQuantization": list(c.op_types),
                 },
             )
         if reader.samples == 0:
