@@ -89,7 +89,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     session_config=runtime.get("session_config"))
     inputs, _, _ = load_golden(folder / GOLDEN)
     rows = []
-    for b in [int(x) for x in args.batch.split(",")]:
+    sizes = [int(x) for x in args.batch.split(",")]
+    fixed = runner.fixed_batch()
+    if fixed is not None and any(b != fixed for b in sizes):
+        raise BadInput(f"{folder} takes a fixed batch of {fixed} (its input shapes are fixed); use --batch {fixed}")
+    for b in sizes:
         rows.append(latency(runner, resize_batch(inputs, b), warmup=args.warmup, runs=args.runs, max_seconds=60))
     result = {"artifact": str(folder), "load_ms": round(runner.load_seconds * 1e3, 2), "peak_rss_mb": peak_rss_mb(),
               "providers": runner.providers, "latency": rows}
