@@ -157,6 +157,8 @@ def _build_target(
 ) -> TargetResult:
     spec = recipe.targets[target.name]
     tctx = TargetContext(recipe, spec, calibration is not None)
+    spec_acc = target.accuracy(tctx)
+    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
     version = compat.requested(spec.runtime)
     built = []
     for variant in target.variants(tctx):
@@ -168,8 +170,6 @@ def _build_target(
         if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
             model, cap = compat.cap(model, version)
         built.append(_Built(variant.key, model, pass_log, cap))
-    spec_acc = target.accuracy(tctx)
-    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
     try:
         with staging(final, force) as tmp:
             manifest = _check_and_write(recipe, target, tctx, source, ev, built, spec_acc, metric, tmp, log)

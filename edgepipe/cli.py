@@ -55,6 +55,16 @@ def _summary(results, report: Path, quiet: bool) -> None:
             f"{lat.get('p50_ms', 0):.3f}",
             str(r.folder) if r.folder else "(not written)",
         )
+        for extra in m.get("models", [])[1:]:  # a folder that ships several models (gpu): one row each
+            acc, lat = extra.get("accuracy", {}), extra.get("latency", {})
+            table.add_row(
+                f"  + {extra['model_file']}",
+                "passed" if acc.get("passed") else "FAILED",
+                f"{extra['size']['model_bytes'] / 1024:.1f} KiB ({extra['size']['ratio']:.0%})",
+                f"{acc.get('metric')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f}",
+                f"{lat.get('p50_ms', 0):.3f}",
+                "",
+            )
     console = _console()
     if not quiet:
         console.print(table)

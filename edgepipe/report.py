@@ -16,11 +16,21 @@ def _size(result: TargetResult) -> int:
     return 0 if not files else -1
 
 
+def _accuracy(manifest: dict) -> str:
+    """One line per model (a gpu folder ships two, each checked on its own)."""
+    models = manifest.get("models") or [manifest]
+    lines = []
+    for m in models:
+        acc = m.get("accuracy", {})
+        label = f"{html.escape(m.get('model_file', ''))}: " if len(models) > 1 else ""
+        lines.append(f"{label}{acc.get('metric', '')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f} (drop {acc.get('drop', 0):+.4f})")
+    return "<br>".join(lines)
+
+
 def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
     rows = []
     for r in results:
         m = r.manifest
-        acc = m.get("accuracy", {})
         lat = m.get("latency", {})
         passes = "<br>".join(
             f"{html.escape(p['name'])}: nodes {p['stats']['before']['nodes']}→{p['stats']['after']['nodes']}, "
@@ -30,8 +40,7 @@ def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
         status = "passed" if r.passed else f"FAILED ({html.escape(r.error or '')})"
         rows.append(
             f"<tr><td>{html.escape(r.target)}</td><td class='{'ok' if r.passed else 'bad'}'>{status}</td>"
-            f"<td>{_size(r):,}</td><td>{acc.get('metric', '')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f}"
-            f" (drop {acc.get('drop', 0):+.4f})</td><td>{lat.get('p50_ms', '')}</td><td>{passes}</td></tr>"
+            f"<td>{_size(r):,}</td><td>{_accuracy(m)}</td><td>{lat.get('p50_ms', '')}</td><td>{passes}</td></tr>"
         )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edgepipe: {html.escape(name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
