@@ -113,3 +113,23 @@ def test_verify_checks_every_model(digits_build, tmp_path, capsys):
     assert main(["verify", str(folder)]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out.upper() and "model.int8.qdq.onnx:logits" in out
+
+
+def test_report_lists_both_gpu_models(digits_build):
+    page = (digits_build / "report.html").read_text()
+    assert "model.int8.qdq.onnx: top1" in page and "model.onnx: top1" in page
+
+
+def test_gpu_without_calibration_ships_fp16_only(tmp_path):
+    from conftest import DIGITS, write_recipe
+
+    text = (DIGITS / "recipe.yaml").read_text().replace("  calibration: data.py:calibration\n", "")
+    text = text.replace("targets: [cpu, mobile, gpu]", "targets: [gpu]")
+    assert main(["build", str(write_recipe(tmp_path, text)), "-o", str(tmp_path / "out"), "-q"]) == 0
+    folder = tmp_path / "out" / "digits-cnn" / "gpu"
+    manifest = _manifest(folder)
+    assert "models" not in manifest and "calibration data" in manifest["gpu"]["int8"]
+    assert set(manifest["files"]) == {"model.onnx", "golden.npz", "provider_options.json"}
+    fp16 = manifest["passes"][-1]["stats"]
+    assert fp16["finite_check"].startswith("not run") and fp16["float16_weights"] > 0
+    assert manifest["accuracy"]["passed"] and main(["verify", str(folder)]) == 0
