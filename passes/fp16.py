@@ -47,7 +47,7 @@ class Fp16(EdgepipePass):
 
     def call(self, model: ir.Model) -> StatsResult:
         c = self.config
-        halves = [v.name for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT16]
+        halves = [v.name for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT16]
         if halves:
             return StatsResult(clone(model), modified=False, stats={"skipped": f"already float16 ({len(halves)} float16 weights)"})
         named = clone(model)
@@ -57,6 +57,7 @@ class Fp16(EdgepipePass):
         stats: dict = {}
         _weight_reasons(named, limit, reasons)
         calibration = self.context.calibration
+        measured = None
         if calibration is not None:
             measured = probe(named, calibration(), c.max_samples, self.context.scratch("fp16"))
             _activation_reasons(named, measured, limit, reasons)
@@ -69,8 +70,8 @@ class Fp16(EdgepipePass):
                 why = "op_block_list" if node.op_type in c.op_block_list else "overflow-prone op; no calibration data to measure ranges"
                 reasons.setdefault(node.name, (node.op_type, why))
         result = _convert(named, ops, reasons)
-        if calibration is not None:
-            result, stats["finite_check"] = self._repair(named, result, ops, reasons)
+        if measured is not None:
+            result, stats["finite_check"] = self._repair(named, result, ops, reasons, measured)
         else:
             stats["finite_check"] = "not run: no calibration data"
         kept = [{"node": n, "op": op or _op(named, n), "reason": why} for n, (op, why) in sorted(reasons.items())]
@@ -80,19 +81,24 @@ class Fp16(EdgepipePass):
                   "float32_weights": counts[ir.DataType.FLOAT]}
         return StatsResult(result, modified=True, stats=stats)
 
-    def _repair(self, named: ir.Model, result: ir.Model, ops: list[str], reasons: dict) -> tuple[ir.Model, str]:
-        """Run the fp16 model on calibration data; block nodes that produce NaN/Inf and convert again."""
+    def _repair(self, named: ir.Model, result: ir.Model, ops: list[str], reasons: dict, fp32: TensorStats) -> tuple[ir.Model, str]:
+        """Run the fp16 model on calibration data; block nodes that produce NaN/Inf and convert again.
+
+        Only tensors of the original graph that are finite in float32 count (a mask filled with -inf
+        is the model's own business), so Casts the converter adds are judged by what they feed.
+        """
         c = self.config
         for _ in range(c.repair_rounds + 1):
             seen = probe(result, self.context.calibration(), c.max_samples, self.context.scratch("fp16check"), infer=False)
             # Every float16 tensor is checked, not just the outputs: ORT's CPU provider runs float16
             # ops it has no kernel for in float32, so an Inf stored in float16 may not reach the
             # output here, where on CUDA it would.
-            if not seen.nonfinite:
+            bad = {t for t in seen.nonfinite if t in fp32.max_abs and t not in fp32.nonfinite}
+            if not bad:
                 return result, f"no NaN/Inf in any tensor on {seen.samples} calibration samples"
             original = {x.name for x in named.graph}
             culprits = []
-            for node in _first_nonfinite(result, seen.nonfinite):
+            for node in _first_nonfinite(result, bad):
                 # A Cast the converter inserted overflowed: its consumers must stay float32.
                 culprits += [node] if node.name in original else [u for v in node.outputs for u, _ in v.uses()]
             fresh = [n for n in culprits if n.name in original and n.name not in reasons]

@@ -98,3 +98,33 @@ def test_digits_fp16_artifact_has_half_weights_and_float_io(digits_build):
     assert types == {onnx.TensorProto.FLOAT16}
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
     assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+
+
+def test_repair_blocks_what_still_overflows_in_float16(tmp_path):
+    """The NaN/Inf check on the converted model: starting from a plain conversion, it finds z, blocks the
+    node that makes it, then the consumer behind the converter's Cast, until no tensor overflows."""
+    from edgepipe.passes.fp16 import DEFAULT_OP_BLOCK_LIST, _convert
+    from edgepipe.passes.probe import probe
+
+    ctx = PassContext(tmp_path, calibration=_calibration())
+    fp16 = Fp16(Fp16Config(headroom=1.0), ctx)
+    named = ir.from_onnx_text(OVERFLOW)
+    ir.passes.common.NameFixPass()(named)
+    fp32 = probe(named, _calibration()(), 64, tmp_path)
+    ops, reasons = sorted(DEFAULT_OP_BLOCK_LIST), {}
+    result, verdict = fp16._repair(named, _convert(named, ops, reasons), ops, reasons, fp32)
+    assert verdict.startswith("no NaN/Inf")
+    assert sorted(op for op, _ in reasons.values()) == ["Mul", "Mul"]
+    assert all("NaN/Inf in float16" in why for _, why in reasons.values())
+    y, _ = _run(result, tmp_path, np.full((2, 4), 0.99, np.float32))
+    assert np.allclose(y, 0.99 * 1.2, rtol=2e-3)
+
+
+def test_infinities_the_float_model_has_are_not_errors(tmp_path):
+    # log(relu(x)) is -inf for x <= 0 in float32 already; exp brings it back. Not an fp16 problem.
+    text = """<ir_version: 10, opset_import: ["" : 17]>
+    agraph (float[N, 4] x) => (float[N, 4] y) { r = Relu(x)  l = Log(r)  y = Exp(l) }"""
+    result = Fp16(Fp16Config(), PassContext(tmp_path, calibration=_calibration()))(ir.from_onnx_text(text))
+    assert result.stats["finite_check"].startswith("no NaN/Inf")
+    y, _ = _run(result.model, tmp_path, np.array([[-1, 0.5, 2, -3]], np.float32))
+    assert np.allclose(y, [[0, 0.5, 2, 0]], atol=1e-3)
