@@ -192,7 +192,7 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
         golden_file = GOLDEN if b.key == "main" else f"golden.{b.key}.npz"
         quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
         golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}
-        feed1 = resize_batch(ev.batches[0][0], 1)
+        feed1 = resize_batch(ev.batches[0][0], runner.fixed_batch() or 1)  # a fixed-shape model takes only its batch
         entry = _manifest(recipe, target, source, emitted, runner, b.pass_log, acc, ev, golden, latency(runner, feed1), tmp)
         if b.runtime_cap is not None:
             entry["runtime"]["requested"] = b.runtime_cap

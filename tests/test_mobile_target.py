@@ -121,3 +121,17 @@ def test_ort_inputs_match_onnx_description(digits_build):
     manifest = json.loads((digits_build / "mobile" / "manifest.json").read_text())
     assert manifest["opset"] >= 13 and manifest["outputs"][0]["shape"] == [1, 10]
     assert onnx.defs.onnx_opset_version() >= manifest["opset"]
+
+
+def test_recipe_shapes_with_a_fixed_batch_of_four(tmp_path):
+    from conftest import DIGITS, write_recipe
+
+    text = (DIGITS / "recipe.yaml").read_text().replace("targets: [cpu, mobile, gpu]", "targets: {mobile: {shapes: {image: [4, 1, 8, 8]}}}")
+    assert main(["build", str(write_recipe(tmp_path, text)), "-o", str(tmp_path / "out"), "-q"]) == 0
+    folder = tmp_path / "out" / "digits-cnn" / "mobile"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [4, 1, 8, 8]
+    assert manifest["passes"][-1]["stats"]["inputs"] == {"image": [4, 1, 8, 8]}
+    assert manifest["accuracy"]["samples"] == 360 and manifest["accuracy"]["passed"]  # 90 chunks of 4
+    assert main(["verify", str(folder)]) == 0
+    assert main(["bench", str(folder), "--batch", "4"]) == 0
