@@ -7,14 +7,17 @@ from typing import Any
 
 from edgepipe.passes.base import EdgepipePass, PassContext, StatsResult, model_stats
 from edgepipe.passes.cleanup import Cleanup
+from edgepipe.passes.fp16 import Fp16
 from edgepipe.passes.optimize import OrtOptimize
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
+from edgepipe.passes.shapes import FixShapes
+from edgepipe.passes.tensorrt import QuantizeTensorRt
 from pydantic import ValidationError
 
 from edgepipe.errors import BadInput, one_line
 
 PASSES: dict[str, type[EdgepipePass]] = {
-    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic)
+    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic, Fp16, FixShapes, QuantizeTensorRt)
 }
 
 __all__ = ["PASSES", "EdgepipePass", "PassContext", "StatsResult", "create", "model_stats", "validate_spec"]
