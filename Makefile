@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(VENV)/bin/edgepipe build models/digits/recipe.yaml -o $(OUT) --force
-	$(VENV)/bin/edgepipe verify $(OUT)/digits-cnn/cpu
+	for t in cpu mobile gpu; do $(VENV)/bin/edgepipe verify $(OUT)/digits-cnn/$$t || exit 1; done
 	@echo "artifacts: $(OUT)/digits-cnn/<target>/   report: $(OUT)/digits-cnn/report.html"
 
 test: install

@@ -43,7 +43,7 @@ def main() -> None:
         lat = {b: latency(runner, resize_batch(inputs, b), warmup=20, runs=args.runs) for b in (1, 64)}
         rows.append((label, m["size"]["model_bytes"], m["accuracy"]["value"], lat[1]["p50_ms"], lat[64]["p50_ms"]))
     base = rows[0]
-    print(f"| variant | bytes | top-1 (test split) | p50 b1 ms | p50 b64 ms | size × | b1 speed-up | b64 speed-up |")
+    print("| variant | bytes | top-1 (test split) | p50 b1 ms | p50 b64 ms | size × | b1 speed-up | b64 speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, size, acc, b1, b64 in rows:
         print(f"| {label} | {size:,} | {acc:.4f} | {b1:.4f} | {b64:.4f} | {size / base[1]:.2f} | {base[3] / b1:.2f} | {base[4] / b64:.2f} |")

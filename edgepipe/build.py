@@ -28,7 +28,7 @@ from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load, save
 from edgepipe.recipe import AccuracySpec, Recipe
 from edgepipe.runtime import Runner
-from edgepipe.targets import TARGETS, Emitted, Target, TargetContext
+from edgepipe.targets import TARGETS, Emitted, Target, TargetContext, compat
 
 Log = Callable[[str], None]
 GOLDEN_SAMPLES = 8
@@ -139,30 +139,13 @@ def _evaluation(source: Source, eval_data, calibration) -> Evaluation:
 
 
 def run_batches(runner: Runner, batches: list) -> dict[str, np.ndarray]:
-    """Artifact outputs over all batches; split to single samples where the batch dim is fixed."""
-    outs = []
-    fixed = any(isinstance(m.shape[0], int) for m in runner.inputs.values() if m.shape)
-    for batch, _ in batches:
-        if fixed:
-            n = len(next(iter(batch.values())))
-            outs.extend(runner.run({k: v[i : i + 1] for k, v in batch.items()}) for i in range(n))
-        else:
-            outs.append(runner.run(batch))
-    return concat(outs)
+    """Artifact outputs over all batches (in chunks of the fixed batch size where there is one)."""
+    return concat([runner.run_samples(batch) for batch, _ in batches])
 
 
-def _build_target(
-    recipe: Recipe, target: Target, source: Source, ev: Evaluation, calibration, final: Path, force: bool, work: Path, log: Log
-) -> TargetResult:
-    spec = recipe.targets[target.name]
-    tctx = TargetContext(recipe, spec, calibration is not None)
-    spec_acc = target.accuracy(tctx)
-    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
-    evaluate = candidate_evaluator(spec_acc, metric, ev, work / target.name / "candidates")
-    pctx = PassContext(workdir=work / target.name, calibration=calibration, evaluate=evaluate, target=target.name)
-    model = load(source.onnx_path)
+def _run_passes(chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model, log: Log) -> tuple[ir.Model, list[dict]]:
     pass_log = []
-    for entry in target.passes(tctx):
+    for entry in chain:
         p = create(entry, pctx)
         before = model_stats(model)
         start = time.perf_counter()
@@ -177,9 +160,41 @@ def _build_target(
         stats = {"before": before, "after": model_stats(model), **getattr(result, "stats", {})}
         pass_log.append({"name": p.name, "params": p.config.model_dump(), "modified": result.modified, "stats": stats})
         log(f"  pass  {p.name:<18} nodes {before['nodes']}→{stats['after']['nodes']}  bytes {before['bytes']}→{stats['after']['bytes']}  ({time.perf_counter() - start:.1f}s)")
+    return model, pass_log
+
+
+@dataclasses.dataclass
+class _Built:
+    """A variant's model after its passes (and the runtime cap), ready to emit."""
+
+    key: str
+    model: ir.Model
+    pass_log: list[dict]
+    runtime_cap: dict | None
+
+
+def _build_target(
+    recipe: Recipe, target: Target, source: Source, ev: Evaluation, calibration, final: Path, force: bool, work: Path, log: Log
+) -> TargetResult:
+    spec = recipe.targets[target.name]
+    tctx = TargetContext(recipe, spec, calibration is not None)
+    spec_acc = target.accuracy(tctx)
+    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
+    version = compat.requested(spec.runtime)
+    built = []
+    for variant in target.variants(tctx):
+        if variant.key != "main":
+            log(f"  model {variant.key}")
+        evaluate = candidate_evaluator(spec_acc, metric, ev, work / target.name / variant.key / "candidates")
+        pctx = PassContext(workdir=work / target.name / variant.key, calibration=calibration, evaluate=evaluate, target=target.name)
+        model, pass_log = _run_passes(variant.passes, pctx, load(source.onnx_path), log)
+        cap = None
+        if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
+            model, cap = compat.cap(model, version)
+        built.append(_Built(variant.key, model, pass_log, cap))
     try:
         with staging(final, force) as tmp:
-            manifest = _check_and_write(recipe, target, tctx, source, ev, model, pass_log, spec_acc, metric, tmp, log)
+            manifest = _check_and_write(recipe, target, tctx, source, ev, built, spec_acc, metric, tmp, log)
     except _Failed as failed:
         return TargetResult(target.name, False, None, failed.manifest, "accuracy budget exceeded")
     return TargetResult(target.name, True, final, manifest)
@@ -198,21 +213,45 @@ def candidate_evaluator(spec: AccuracySpec, metric: Metric, ev: Evaluation, fold
     return evaluate
 
 
-def _check_and_write(recipe, target, tctx, source, ev, model, pass_log, spec_acc, metric, tmp: Path, log: Log) -> dict:
-    """Emit into ``tmp``, check accuracy on the emitted file itself, write golden and manifest."""
-    emitted = target.emit(model, tmp, tctx)
-    runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
-    outputs = run_batches(runner, ev.batches)
-    acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)
-    log(f"  check {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
-    golden = _write_golden(tmp, runner, ev, target, bool(pass_log) and any(p["name"].startswith("quantize") for p in pass_log))
-    feed1 = resize_batch(ev.batches[0][0], 1)
-    manifest = _manifest(recipe, target, source, emitted, runner, pass_log, acc, ev, golden, latency(runner, feed1), tmp)
+def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec_acc, metric, tmp: Path, log: Log) -> dict:
+    """Emit each model into ``tmp``, check accuracy on the emitted file itself, write golden and manifest."""
+    manifest: dict = {}
+    entries = []
+    for b in built:
+        emitted = target.emit(b.model, tmp, tctx, b.key)
+        runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
+        outputs = run_batches(runner, ev.batches)
+        acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)
+        name = emitted.model_file
+        log(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
+        golden_file = GOLDEN if b.key == "main" else f"golden.{b.key}.npz"
+        quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
+        golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}
+        feed1 = resize_batch(ev.batches[0][0], runner.fixed_batch() or 1)  # a fixed-shape model takes only its batch
+        entry = _manifest(recipe, target, source, emitted, runner, b.pass_log, acc, ev, golden, latency(runner, feed1), tmp)
+        if b.runtime_cap is not None:
+            entry["runtime"]["requested"] = b.runtime_cap
+        entries.append((b.key, acc, entry))
+    passed = all(acc.passed for _, acc, _ in entries)
+    manifest = dict(entries[0][2])  # the primary model's fields stay at the top level
+    manifest["status"] = "passed" if passed else "failed"
+    if len(entries) > 1:
+        manifest["models"] = [_model_entry(key, entry) for key, _, entry in entries]
     manifest = write_manifest(tmp, manifest)
-    if not acc.passed:
+    if not passed:
         # Nothing half-trusted is published: the failed artifact is dropped, its manifest reported.
         raise _Failed(manifest)
     return manifest
+
+
+def _model_entry(key: str, entry: dict) -> dict:
+    """What verify and a reader need of each model in a folder that ships several."""
+    fields = ("model_file", "runtime", "inputs", "outputs", "opset", "ir_version", "size", "passes", "accuracy", "golden", "latency")
+    extras = {k: v for k, v in entry.items() if k not in fields and k not in _COMMON}
+    return {"variant": key, **{k: entry[k] for k in fields}, **extras}
+
+
+_COMMON = {"name", "target", "description", "status", "source", "versions"}
 
 
 class _Failed(Exception):
@@ -220,11 +259,11 @@ class _Failed(Exception):
         self.manifest = manifest
 
 
-def _write_golden(folder: Path, runner: Runner, ev: Evaluation, target: Target, quantized: bool) -> dict:
+def _write_golden(path: Path, runner: Runner, ev: Evaluation, target: Target, quantized: bool) -> dict:
     inputs = {k: v[:GOLDEN_SAMPLES] for k, v in ev.batches[0][0].items()}
     expected = run_batches(runner, [(inputs, None)])
     reference = {k: v[: len(next(iter(expected.values())))] for k, v in ev.reference.items()}
-    save_golden(folder / GOLDEN, inputs, expected, reference)
+    save_golden(path, inputs, expected, reference)
     share, rtol = target.golden_tolerance(quantized)
     scale = max(float(np.abs(v).max(initial=0.0)) for v in expected.values())
     return {"samples": len(next(iter(inputs.values()))), "atol": max(share * scale, 1e-6), "rtol": rtol}

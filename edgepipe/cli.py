@@ -101,6 +101,16 @@ def _summary(results, report: Path, quiet: bool) -> None:
             f"{lat.get('p50_ms', 0):.3f}",
             str(r.folder) if r.folder else "(not written)",
         )
+        for extra in m.get("models", [])[1:]:  # a folder that ships several models (gpu): one row each
+            acc, lat = extra.get("accuracy", {}), extra.get("latency", {})
+            table.add_row(
+                f"  + {extra['model_file']}",
+                "passed" if acc.get("passed") else "FAILED",
+                f"{extra['size']['model_bytes'] / 1024:.1f} KiB ({extra['size']['ratio']:.0%})",
+                f"{acc.get('metric')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f}",
+                f"{lat.get('p50_ms', 0):.3f}",
+                "",
+            )
     console = _console()
     if not quiet:
         console.print(table)
@@ -140,7 +150,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     session_config=runtime.get("session_config"))
     inputs, _, _ = load_golden(folder / GOLDEN)
     rows = []
-    for b in [int(x) for x in args.batch.split(",")]:
+    sizes = [int(x) for x in args.batch.split(",")]
+    fixed = runner.fixed_batch()
+    if fixed is not None and any(b != fixed for b in sizes):
+        raise BadInput(f"{folder} takes a fixed batch of {fixed} (its input shapes are fixed); use --batch {fixed}")
+    for b in sizes:
         rows.append(latency(runner, resize_batch(inputs, b), warmup=args.warmup, runs=args.runs, max_seconds=60))
     result = {"artifact": str(folder), "load_ms": round(runner.load_seconds * 1e3, 2), "peak_rss_mb": peak_rss_mb(),
               "providers": runner.providers, "latency": rows}

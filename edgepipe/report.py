@@ -25,38 +25,41 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _model_size(r: TargetResult) -> int:
-    return int(r.manifest.get("size", {}).get("model_bytes", 0))
-
-
 def _scatter(results: list[TargetResult]) -> str:
     """Size (x) vs p50 latency (y), each target a labelled dot with its metric value."""
-    pts = [(r, _model_size(r) / 1024, r.manifest.get("latency", {}).get("p50_ms", 0.0)) for r in results if r.manifest]
+    pts = [
+        (r, m, int(m.get("size", {}).get("model_bytes", 0)) / 1024, m.get("latency", {}).get("p50_ms", 0.0))
+        for r in results if r.manifest for m in _models(r.manifest)
+    ]
     if not pts:
         return ""
-    w, h, pad = 480, 300, 68
-    xmax = max(p[1] for p in pts) * 1.15 or 1
-    ymax = max(p[2] for p in pts) * 1.15 or 1
+    w, plot_h, pad = 480, 300, 68
+    h = plot_h + 18 * len(pts) + 8  # room for the legend under the plot
+    xmax = max(p[2] for p in pts) * 1.15 or 1
+    ymax = max(p[3] for p in pts) * 1.15 or 1
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="size vs latency">',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="#333"/>',
-             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
-             f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle" font-size="12">model size (KiB)</text>',
-             f'<text x="12" y="{h / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 12 {h / 2})">p50 latency, batch 1 (ms)</text>']
+             f'<line x1="{pad}" y1="{plot_h - pad}" x2="{w - 10}" y2="{plot_h - pad}" stroke="#333"/>',
+             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{plot_h - pad}" stroke="#333"/>',
+             f'<text x="{w / 2}" y="{plot_h - 22}" text-anchor="middle" font-size="12">model size (KiB)</text>',
+             f'<text x="12" y="{plot_h / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 12 {plot_h / 2})">p50 latency, batch 1 (ms)</text>']
     for i in range(5):
         fx, fy = i / 4 * xmax, i / 4 * ymax
         x = pad + (w - pad - 10) * i / 4
-        y = h - pad - (h - pad - 10) * i / 4
-        parts.append(f'<text x="{x}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{fx:.0f}</text>')
+        y = plot_h - pad - (plot_h - pad - 10) * i / 4
+        parts.append(f'<text x="{x}" y="{plot_h - pad + 14}" text-anchor="middle" font-size="10">{fx:.0f}</text>')
         parts.append(f'<text x="{pad - 4}" y="{y + 3}" text-anchor="end" font-size="10">{fy:.3g}</text>')
-    for i, (r, sx, sy) in enumerate(pts):
+    for i, (r, m, sx, sy) in enumerate(pts):
         x = pad + (w - pad - 10) * sx / xmax
-        y = h - pad - (h - pad - 10) * sy / ymax
-        acc = r.manifest.get("accuracy", {})
+        y = plot_h - pad - (plot_h - pad - 10) * sy / ymax
+        acc = m.get("accuracy", {})
         color = COLORS[i % len(COLORS)]
-        label = f"{r.target} ({acc.get('metric', '')} {acc.get('value', 0):.3f})"
+        name = r.target if m is r.manifest or m.get("model_file") == "model.onnx" else f"{r.target} {m.get('model_file', '').removeprefix('model.').removesuffix('.onnx')}"
+        label = f"{name} ({acc.get('metric', '')} {acc.get('value', 0):.3f})"
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="{color}" stroke="{"#070" if r.passed else "#b00"}" stroke-width="2"/>')
-        right = x > w * 0.6  # keep labels inside the plot
-        parts.append(f'<text x="{x + (-10 if right else 10):.1f}" y="{y - 10:.1f}" font-size="11" text-anchor="{"end" if right else "start"}">{_e(label)}</text>')
+        parts.append(f'<text x="{x:.1f}" y="{y + 4:.1f}" font-size="9" fill="#fff" text-anchor="middle">{i + 1}</text>')
+        ly = plot_h + 4 + 18 * i  # legend: number, color, name, metric, size, latency
+        parts.append(f'<circle cx="{pad + 6}" cy="{ly + 6}" r="6" fill="{color}"/>')
+        parts.append(f'<text x="{pad + 18}" y="{ly + 10}" font-size="11">{i + 1}. {_e(label)}: {sx:,.1f} KiB, {sy:.3f} ms</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -90,20 +93,25 @@ def _bars(title: str, rows: list[tuple[str, float]], unit: str = "", ref: float 
     return "".join(parts)
 
 
+def _models(manifest: dict) -> list[dict]:
+    """Every model a folder ships (a gpu folder has an fp16 and an int8 model), each with its own checks."""
+    return manifest.get("models") or [manifest]
+
+
 def _summary_table(results: list[TargetResult]) -> str:
     rows = []
     for r in results:
-        m = r.manifest
-        acc, lat, size = m.get("accuracy", {}), m.get("latency", {}), m.get("size", {})
         status = "<span class='ok'>passed</span>" if r.passed else f"<span class='bad'>FAILED</span> {_e(r.error or '')}"
-        rows.append(
-            f"<tr><td>{_e(r.target)}</td><td>{status}</td><td>{_e(m.get('model_file', ''))}</td>"
-            f"<td>{size.get('model_bytes', 0) / 1024:,.1f} KiB ({size.get('ratio', 0):.0%} of fp32)</td>"
-            f"<td>{_e(acc.get('metric', ''))}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f} "
-            f"(drop {acc.get('drop', 0):+.4f}; budget {_e(acc.get('budget', {}))}; {_e(acc.get('data', ''))} data, {acc.get('samples', 0)} samples)</td>"
-            f"<td>{lat.get('p50_ms', 0):.3f} / {lat.get('p90_ms', 0):.3f}</td>"
-            f"<td>{_e(', '.join(m.get('runtime', {}).get('providers', [])))}</td></tr>"
-        )
+        for i, m in enumerate(_models(r.manifest)):
+            acc, lat, size = m.get("accuracy", {}), m.get("latency", {}), m.get("size", {})
+            rows.append(
+                f"<tr><td>{_e(r.target) if i == 0 else ''}</td><td>{status if i == 0 else ''}</td><td>{_e(m.get('model_file', ''))}</td>"
+                f"<td>{size.get('model_bytes', 0) / 1024:,.1f} KiB ({size.get('ratio', 0):.0%} of fp32)</td>"
+                f"<td>{_e(acc.get('metric', ''))}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f} "
+                f"(drop {acc.get('drop', 0):+.4f}; budget {_e(acc.get('budget', {}))}; {_e(acc.get('data', ''))} data, {acc.get('samples', 0)} samples)</td>"
+                f"<td>{lat.get('p50_ms', 0):.3f} / {lat.get('p90_ms', 0):.3f}</td>"
+                f"<td>{_e(', '.join(m.get('runtime', {}).get('providers', [])))}</td></tr>"
+            )
     head = "<tr><th>target</th><th>status</th><th>file</th><th>size</th><th>accuracy (reference → artifact)</th><th>p50 / p90 ms (b1)</th><th>ran on</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -139,7 +147,10 @@ def _target_section(r: TargetResult) -> str:
 
 
 def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
-    acc_rows = [(r.target, float(r.manifest.get("accuracy", {}).get("value", 0))) for r in results if r.manifest]
+    acc_rows = [
+        (r.target if len(_models(r.manifest)) == 1 else f"{r.target} {m.get('model_file', '')}", float(m.get("accuracy", {}).get("value", 0)))
+        for r in results if r.manifest for m in _models(r.manifest)
+    ]
     ref = next((r.manifest["accuracy"]["reference"] for r in results if r.manifest.get("accuracy")), None)
     metric = next((r.manifest["accuracy"]["metric"] for r in results if r.manifest.get("accuracy")), "")
     plots = (f"<div class='plots'><figure>{_scatter(results)}<figcaption>size vs latency (dot outline: green passed, red failed)</figcaption></figure>"

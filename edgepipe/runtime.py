@@ -75,3 +75,23 @@ class Runner:
             cast[name] = arr.astype(want) if want is not None and arr.dtype != want else arr
         outputs = self.session.run(self.output_names, cast)
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def fixed_batch(self) -> int | None:
+        """The batch size the model takes when its first axis is fixed (mobile), else None."""
+        dims = [m.shape[0] for m in self.inputs.values() if m.shape]
+        return dims[0] if dims and all(isinstance(d, int) for d in dims) else None
+
+    def run_samples(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run any number of samples: in chunks of the fixed batch size (the last one padded) if there is one."""
+        size = self.fixed_batch()
+        n = len(next(iter(feed.values())))
+        if size is None or n == size:
+            return self.run(feed)
+        parts = []
+        for start in range(0, n, size):
+            chunk = {k: v[start : start + size] for k, v in feed.items()}
+            got = len(next(iter(chunk.values())))
+            if got < size:  # repeat the last sample to fill the fixed batch, then drop the padding
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], size - got, axis=0)]) for k, v in chunk.items()}
+            parts.append({k: v[:got] for k, v in self.run(chunk).items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

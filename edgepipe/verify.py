@@ -47,24 +47,35 @@ def _check_files(folder: Path, expected: dict[str, str]) -> Check:
 
 
 def _check_golden(folder: Path, manifest: dict) -> list[Check]:
-    runtime = manifest.get("runtime", {})
-    golden = manifest.get("golden", {})
+    """Golden I/O for every model the folder ships (``models``), or its one ``model_file``."""
+    models = manifest.get("models") or [manifest]
+    checks = []
+    for entry in models:
+        prefix = f"{entry['model_file']}:" if len(models) > 1 else ""
+        checks.extend(_check_model(folder, entry, prefix))
+    return checks
+
+
+def _check_model(folder: Path, entry: dict, prefix: str) -> list[Check]:
+    runtime = entry.get("runtime", {})
+    golden = entry.get("golden", {})
     start = time.perf_counter()
     runner = Runner(
-        folder / manifest["model_file"],
+        folder / entry["model_file"],
         providers=runtime.get("providers"),
         session_config=runtime.get("session_config"),
     )
+    name = golden.get("file", GOLDEN)
     try:
-        inputs, expected, _ = load_golden(folder / GOLDEN)
+        inputs, expected, _ = load_golden(folder / name)
     except (OSError, ValueError, KeyError) as exc:  # pickled or corrupt: never unpickled, never trusted
-        return [Check("golden", False, f"{GOLDEN} is unreadable without unpickling or corrupt: {exc}")]
-    got = runner.run(inputs)
+        return [Check("golden", False, f"{name} is unreadable without unpickling or corrupt: {exc}")]
+    got = runner.run_samples(inputs)
     checks = []
     for name, want in expected.items():
         cmp = compare(got[name], want, golden.get("atol", 1e-4), golden.get("rtol", 1e-3))
         detail = f"max abs {cmp['max_abs']:.3g}, max rel {cmp['max_rel']:.3g} (atol {golden.get('atol')}, rtol {golden.get('rtol')}) on {runner.providers[0]}"
-        checks.append(Check(f"golden:{name}", bool(cmp["passed"]), detail, time.perf_counter() - start))
+        checks.append(Check(f"golden:{prefix}{name}", bool(cmp["passed"]), detail, time.perf_counter() - start))
     return checks
 
 

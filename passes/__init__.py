@@ -7,18 +7,21 @@ from typing import Any
 
 from edgepipe.passes.base import EdgepipePass, PassContext, StatsResult, model_stats
 from edgepipe.passes.cleanup import Cleanup
+from edgepipe.passes.fp16 import Fp16
 from edgepipe.passes.int4 import QuantizeInt4
 from edgepipe.passes.optimize import OrtOptimize
 from edgepipe.passes.prune import PruneMagnitude
 from edgepipe.passes.prune_structured import PruneStructured
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
+from edgepipe.passes.shapes import FixShapes
 from edgepipe.passes.share import ShareCluster, ShareDedupe
+from edgepipe.passes.tensorrt import QuantizeTensorRt
 from pydantic import ValidationError
 
 from edgepipe.errors import BadInput, one_line
 
 PASSES: dict[str, type[EdgepipePass]] = {
-    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic)
+    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic, Fp16, FixShapes, QuantizeTensorRt)
 }
 PASSES.update({cls.name: cls for cls in (ShareDedupe, ShareCluster, PruneMagnitude, PruneStructured, QuantizeInt4)})
 

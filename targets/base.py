@@ -29,6 +29,14 @@ class Emitted:
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class Variant:
+    """One deployable model of a target: its pass chain; ``main`` is the folder's primary model."""
+
+    key: str
+    passes: list[dict[str, Any]]
+
+
 def deployable(model: ir.Model) -> ir.Model:
     """Drop intermediate value_info: the runtime infers it, the device need not store it."""
     proto = ir.to_proto(model)
@@ -51,6 +59,10 @@ class Target:
         """The recipe's chain if it gives one, else the profile's default."""
         return list(ctx.spec.passes) if ctx.spec.passes is not None else self.default_passes(ctx)
 
+    def variants(self, ctx: TargetContext) -> list[Variant]:
+        """The models this target ships, each checked on its own; most targets ship one."""
+        return [Variant("main", self.passes(ctx))]
+
     def accuracy(self, ctx: TargetContext) -> AccuracySpec:
         """Recipe accuracy, with the target's overrides applied over it."""
         base = ctx.recipe.accuracy
@@ -59,7 +71,7 @@ class Target:
         override = ctx.spec.accuracy.model_dump(exclude_unset=True)
         return base.model_copy(update=override)
 
-    def emit(self, model: ir.Model, folder: Path, ctx: TargetContext) -> Emitted:
+    def emit(self, model: ir.Model, folder: Path, ctx: TargetContext, variant: str = "main") -> Emitted:
         save(deployable(model), folder / "model.onnx")
         return Emitted("model.onnx", list(self.providers))
 

@@ -15,7 +15,7 @@ DIGITS = ROOT / "models" / "digits"
 
 @pytest.fixture(scope="session")
 def digits_build(tmp_path_factory) -> Path:
-    """OUT folder of one real `edgepipe build` of the digits recipe (cpu target)."""
+    """OUT folder of one real `edgepipe build` of the digits recipe (cpu, mobile and gpu targets)."""
     out = tmp_path_factory.mktemp("digits-out")
     assert main(["build", str(DIGITS / "recipe.yaml"), "-o", str(out), "--quiet"]) == 0
     return out / "digits-cnn"

@@ -58,4 +58,4 @@ def test_manifest_lists_every_file_and_golden_io(digits_build):
 
 
 def test_no_leftover_temp_folders(digits_build):
-    assert sorted(p.name for p in digits_build.iterdir()) == ["cpu", "report.html"]
+    assert sorted(p.name for p in digits_build.iterdir()) == ["cpu", "gpu", "mobile", "report.html"]

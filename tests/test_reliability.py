@@ -23,7 +23,7 @@ def _manifest(folder: Path) -> dict:
 
 def _spawn(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "edgepipe", "build", RECIPE, "-o", str(out), "--force", *extra],
+        [sys.executable, "-m", "edgepipe", "build", RECIPE, "-o", str(out), "--force", "--target", "cpu", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
 
@@ -39,7 +39,7 @@ def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 120) 
 
 
 def test_rebuild_is_byte_identical(digits_build, tmp_path):
-    assert main(["build", RECIPE, "-o", str(tmp_path), "-q"]) == 0
+    assert main(["build", RECIPE, "-o", str(tmp_path), "-q", "--target", "cpu"]) == 0
     first, second = _manifest(digits_build / "cpu"), _manifest(tmp_path / "digits-cnn" / "cpu")
     assert first["files"] == second["files"]
     assert first["content_sha256"] == second["content_sha256"]
@@ -61,8 +61,8 @@ def test_killed_build_leaves_existing_artifact_whole(digits_build, tmp_path):
     assert (cpu / "manifest.json").read_bytes() == before
     assert main(["verify", str(cpu)]) == 0
     # The next build sweeps what the killed one left behind.
-    assert main(["build", RECIPE, "-o", str(out), "--force", "-q"]) == 0
-    assert sorted(p.name for p in (out / "digits-cnn").iterdir()) == ["cpu", "report.html"]
+    assert main(["build", RECIPE, "-o", str(out), "--force", "-q", "--target", "cpu"]) == 0
+    assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]
 
 
 def test_interrupted_build_cleans_up_and_exits_130(tmp_path):
@@ -89,12 +89,12 @@ def test_concurrent_builds_into_one_folder(tmp_path):
     assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]
     # Not a terminal: plain lines, no progress-bar escape codes in a CI log.
     assert all("\x1b[" not in stdout for stdout, _ in logs)
-    assert "check top1" in logs[0][0]
+    assert "top1 0.9861 → 0.9861" in logs[0][0]
 
 
 def test_large_model_path_uses_external_data(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEPIPE_EXTERNAL_DATA_THRESHOLD", "1000")
-    assert main(["build", RECIPE, "-o", str(tmp_path), "-q"]) == 0
+    assert main(["build", RECIPE, "-o", str(tmp_path), "-q", "--target", "cpu"]) == 0
     cpu = tmp_path / "digits-cnn" / "cpu"
     assert set(_manifest(cpu)["files"]) == {"model.onnx", "model.onnx.data", "golden.npz"}
     assert (cpu / "model.onnx.data").stat().st_size > (cpu / "model.onnx").stat().st_size

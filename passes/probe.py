@@ -1,0 +1,88 @@
+"""Run a model with every intermediate float tensor exposed as an output, and summarise each."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from edgepipe.passes.base import Batch, clone, save
+from onnx_ir.passes import common
+
+FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+
+
+@dataclasses.dataclass
+class TensorStats:
+    """Per-tensor max |x| and whether any NaN/Inf was seen, over all probed batches."""
+
+    max_abs: dict[str, float]
+    nonfinite: set[str]
+    samples: int
+    unmeasured: int  # float-typed values whose type shape inference could not give
+
+
+def probe(model: ir.Model, batches: Iterable[Batch], max_samples: int, workdir: Path, infer: bool = True) -> TensorStats:
+    """Expose every node output of a known float type (onnx-ir edit), run ORT on ``batches``.
+
+    Graph inputs are measured from the feeds themselves.
+    """
+    probe_model = clone(model)
+    if infer:
+        _infer_quietly(probe_model)
+    outputs = {v.name for v in probe_model.graph.outputs}
+    unmeasured = 0
+    for node in probe_model.graph:
+        for value in node.outputs:
+            if not value.name or value.name in outputs:
+                continue
+            if value.dtype in FLOATS:
+                probe_model.graph.outputs.append(value)
+                outputs.add(value.name)
+            elif value.dtype is None:
+                unmeasured += 1
+    folder = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir))
+    path = save(probe_model, folder / "probe.onnx")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # No graph rewrites: the tensors measured are the ones the converter will see.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    inputs = {i.name: i for i in session.get_inputs()}
+    max_abs: dict[str, float] = {}
+    nonfinite: set[str] = set()
+    samples = 0
+    for batch in batches:
+        if samples >= max_samples:
+            break
+        feed = {k: np.asarray(v) for k, v in batch.items() if k in inputs}
+        samples += len(next(iter(feed.values())))
+        results = dict(zip(names, session.run(names, feed), strict=True))
+        for name, arr in [*feed.items(), *results.items()]:
+            if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
+                continue
+            finite = np.isfinite(arr)
+            if not finite.all():
+                nonfinite.add(name)
+            peak = float(np.abs(np.where(finite, arr, 0)).max())
+            max_abs[name] = max(max_abs.get(name, 0.0), peak)
+    return TensorStats(max_abs, nonfinite, samples, unmeasured)
+
+
+def _infer_quietly(model: ir.Model) -> None:
+    """Fill in value types where onnx can; where it cannot, the types already there serve."""
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        common.ShapeInferencePass()(model)
+    except Exception:  # noqa: BLE001
+        pass
+    finally:
+        logger.setLevel(level)

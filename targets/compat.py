@@ -1,0 +1,106 @@
+"""Runtime version capping: opset and IR version a requested onnxruntime loads, every op checked."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import onnx
+import onnx_ir as ir
+from onnx import version_converter
+
+from edgepipe.errors import BadInput, one_line
+
+# onnxruntime release → (max ai.onnx opset, max IR version), from
+# https://onnxruntime.ai/docs/reference/compatibility.html (ONNX opset support table).
+ORT_LIMITS: dict[str, tuple[int, int]] = {
+    "1.10": (15, 8), "1.11": (16, 8), "1.12": (17, 8), "1.13": (17, 8), "1.14": (18, 8),
+    "1.15": (19, 8), "1.16": (19, 9), "1.17": (20, 9), "1.18": (21, 10), "1.19": (21, 10),
+    "1.20": (21, 10),
+}
+# ORT-format (.ort) files: version 6 came with onnxruntime 1.16 and older runtimes cannot read it
+# (no forward compatibility; microsoft/onnxruntime#20670). The converter here writes v6.
+ORT_FORMAT_MIN = "1.16"
+
+
+def _key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def requested(runtime: dict[str, str] | None) -> str | None:
+    """The onnxruntime version a target spec asks for (``runtime: {onnxruntime: "1.17"}``), validated."""
+    if not runtime:
+        return None
+    unknown = sorted(set(runtime) - {"onnxruntime"})
+    if unknown:
+        raise BadInput(f"runtime: unknown runtime {unknown}; only 'onnxruntime' versions can be requested")
+    version = str(runtime["onnxruntime"]).strip()
+    parts = version.split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts):
+        raise BadInput(f"runtime: onnxruntime version '{version}' is not MAJOR.MINOR (e.g. \"1.17\")")
+    minor = ".".join(parts[:2])
+    if minor not in ORT_LIMITS:
+        raise BadInput(
+            f"runtime: onnxruntime {version} is not in edgepipe's compatibility table "
+            f"({', '.join(ORT_LIMITS)}); request one of those or leave runtime unset"
+        )
+    return minor
+
+
+def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
+    """Convert ``model`` down to what onnxruntime ``version`` loads, or raise BadInput naming the node."""
+    max_opset, max_ir = ORT_LIMITS[version]
+    proto = ir.to_proto(model)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    info = {"onnxruntime": version, "max_opset": max_opset, "max_ir_version": max_ir, "opset_before": opset,
+            "ir_version_before": proto.ir_version}
+    if opset is not None and opset > max_opset:
+        _check_ops(proto, max_opset, version)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                proto = version_converter.convert_version(proto, max_opset)
+        except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+            raise BadInput(one_line(
+                f"runtime onnxruntime {version}: cannot convert opset {opset} down to {max_opset}: {exc}"
+            )) from None
+    if proto.ir_version > max_ir:
+        proto.ir_version = max_ir
+    _check_ops(proto, max_opset, version)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise BadInput(one_line(f"runtime onnxruntime {version}: the capped model does not check: {exc}")) from None
+    after = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    info |= {"opset": after, "ir_version": proto.ir_version}
+    return ir.from_proto(proto), info
+
+
+def _check_ops(proto: onnx.ModelProto, max_opset: int, version: str) -> None:
+    """Every ai.onnx node must exist in the capped opset (its first version ≤ max_opset)."""
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            onnx.defs.get_schema(node.op_type, max_opset, "")
+        except onnx.defs.SchemaError:
+            since = _since(node.op_type)
+            raise BadInput(
+                f"node '{node.name or node.op_type}' ({node.op_type}{f', opset {since}+' if since else ''}) "
+                f"cannot run on onnxruntime {version} (max opset {max_opset}); request a newer runtime "
+                "or change the model"
+            ) from None
+
+
+def _since(op_type: str) -> int | None:
+    """The opset that introduced ``op_type`` (None for ops onnx does not know)."""
+    versions = [s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == op_type and s.domain == ""]
+    return min(versions, default=None)
+
+
+def check_ort_format(version: str | None) -> None:
+    """A .ort artifact for a runtime older than the ORT format it is written in is refused."""
+    if version is not None and _key(version) < _key(ORT_FORMAT_MIN):
+        raise BadInput(
+            f"runtime: onnxruntime {version} cannot read the ORT format (v6) this converter writes; "
+            f"mobile (.ort) needs onnxruntime >= {ORT_FORMAT_MIN}"
+        )

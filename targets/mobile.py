@@ -1,0 +1,144 @@
+"""mobile: ONNX Runtime Mobile — fixed shapes, int8 QDQ for NNAPI / XNNPACK, model.ort and a usability report."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from edgepipe.passes.base import save
+from edgepipe.targets import compat
+from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
+from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
+from edgepipe.errors import BadInput, one_line
+
+REPORT = "usability_report.json"
+OPS_CONFIG = "required_operators.config"
+# Phones are ARM: "arm" keeps x86-only layout rewrites (NCHWc) out of the .ort and allows int8 QDQ.
+PLATFORM = "arm"
+
+
+class MobileTarget(Target):
+    """Static shapes, QDQ uint8 activations / int8 per-channel weights, ORT format (Fixed style)."""
+
+    name = "mobile"
+    description = "ONNX Runtime Mobile (.ort), int8 QDQ for NNAPI / XNNPACK / CoreML"
+
+    def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
+        chain: list[dict[str, Any]] = [{"name": "cleanup"}, {"name": "optimize.ort", "level": "basic"}]
+        if ctx.has_calibration:
+            # Dynamic int8 (DynamicQuantizeLinear) is CPU-only: NNAPI/CoreML need static QDQ, so
+            # without calibration data the mobile model stays float32.
+            chain.append({"name": "quantize.static", "activation_type": "uint8", "weight_type": "int8", "per_channel": True})
+        # Shapes are fixed last, so calibration still runs on whole batches of the dynamic model.
+        return [*chain, self._fix(ctx)]
+
+    def passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
+        chain = super().passes(ctx)
+        if not any(p.get("name") == "shapes.fix" for p in chain):
+            chain.append(self._fix(ctx))  # NNAPI and CoreML take no dynamic shapes
+        return chain
+
+    def variants(self, ctx: TargetContext) -> list[Variant]:
+        compat.check_ort_format(compat.requested(ctx.spec.runtime))
+        return super().variants(ctx)
+
+    @staticmethod
+    def _fix(ctx: TargetContext) -> dict[str, Any]:
+        return {"name": "shapes.fix", "shapes": dict(ctx.spec.shapes or {})}
+
+    def emit(self, model: ir.Model, folder: Path, ctx: TargetContext, variant: str = "main") -> Emitted:
+        work = Path(tempfile.mkdtemp(prefix="edgepipe-ort-"))
+        try:
+            src = save(deployable(model), work / "model.onnx")
+            out = work / "ort"
+            quiet = logging.getLogger("ort_format_model.utils")
+            level = quiet.level
+            quiet.setLevel(logging.WARNING)  # it logs each config file it writes at INFO
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    convert_onnx_models_to_ort(src, output_dir=out, optimization_styles=[OptimizationStyle.Fixed], target_platform=PLATFORM)
+                except Exception as exc:  # noqa: BLE001 - the converter raises whatever ORT raised
+                    raise BadInput(one_line(f"mobile: onnxruntime could not convert the model to ORT format: {exc}")) from None
+            quiet.setLevel(level)
+            shutil.copyfile(out / "model.ort", folder / "model.ort")
+            # The converter names its temp path in a comment: keep the file the same build to build.
+            config = (out / f"model.{OPS_CONFIG}").read_text(encoding="utf-8").replace(str(out / "model.ort"), "model.ort")
+            (folder / OPS_CONFIG).write_text(config, encoding="utf-8")
+            proto = onnx.load(str(src))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        report = usability(proto)
+        (folder / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        summary = {ep: {k: v for k, v in r.items() if k not in ("unsupported_nodes", "caveats")} for ep, r in report.items()}
+        extras = {
+            "opset": opset,
+            "ir_version": proto.ir_version,
+            "inputs": _describe(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}),
+            "outputs": _describe(proto.graph.output),
+            "mobile": {
+                "ort_format": {"file": "model.ort", "optimization_style": "Fixed", "target_platform": PLATFORM,
+                               "converter": "onnxruntime.tools.convert_onnx_models_to_ort"},
+                "required_operators": OPS_CONFIG,
+                "usability_report": REPORT,
+                "usability": summary,
+                "checked_on_note": "NNAPI/CoreML/XNNPACK are not in the desktop onnxruntime build: accuracy and golden I/O "
+                "were run on model.ort with the CPU provider",
+            },
+        }
+        return Emitted("model.ort", list(self.providers), extras=extras)
+
+
+def usability(proto: onnx.ModelProto) -> dict[str, dict]:
+    """Which nodes NNAPI and CoreML (ML Program) can take, per ORT's own partition checker."""
+    with contextlib.suppress(Exception):
+        proto = onnx.shape_inference.infer_shapes(proto)
+    nnapi = uc.check_nnapi_partitions(proto, require_fixed_input_sizes=True)
+    coreml = uc.check_coreml_partitions(proto, require_fixed_input_sizes=True, config_filename="coreml_supported_mlprogram_ops.md")
+    return {"nnapi": _info(nnapi, proto, "nnapi"), "coreml_mlprogram": _info(coreml, proto, "coreml_mlprogram")}
+
+
+def _info(info: uc.PartitioningInfo, proto: onnx.ModelProto, ep: str) -> dict:
+    taken = {id(n) for group in info.supported_groups for n in group}
+    unsupported = []
+    for node in proto.graph.node:
+        if id(node) in taken:
+            continue
+        domain = node.domain or "ai.onnx"
+        if not info.supported_ops_checker.is_op_supported(node):
+            reason = f"op {domain}:{node.op_type} is not in ORT's {ep} supported-op list"
+        elif node.op_type in info.ops_with_unsupported_rank:
+            reason = "an input's rank is above what the provider takes"
+        else:
+            reason = "an input has a dynamic or unknown shape"
+        unsupported.append({"node": node.name, "op": f"{domain}:{node.op_type}", "reason": reason})
+    share = info.num_supported_nodes / info.num_nodes if info.num_nodes else 0.0
+    return {
+        "nodes": info.num_nodes,
+        "supported_nodes": info.num_supported_nodes,
+        "share": round(share, 4),
+        "partitions": info.num_partitions,
+        "verdict": info.suitability().name,  # YES / MAYBE / NO, ORT's own rule
+        "unsupported_ops": sorted(info.unsupported_ops),
+        "unsupported_nodes": unsupported,
+        "caveats": info.supported_ops_checker.get_caveats(),
+    }
+
+
+def _describe(values) -> list[dict]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+    return out
