@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from typing import Literal
 
@@ -24,7 +25,8 @@ def _init_bytes(graph: ir.Graph) -> int:
 
 
 def _key(array: np.ndarray) -> tuple:
-    return (array.dtype.str, array.shape, np.ascontiguousarray(array).tobytes())
+    """dtype, shape and a digest of the contents (not the bytes: big embeddings would be held twice)."""
+    return (array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array).data).hexdigest())
 
 
 def _is_weight(value: ir.Value, graph: ir.Graph) -> bool:
@@ -75,6 +77,8 @@ def _merge_transposed(graph: ir.Graph, min_elements: int) -> list[str]:
         if array.size < min_elements:
             continue
         keep = seen.get(_key(array.T))
+        if keep is not None and not np.array_equal(keep.const_value.numpy(), array.T):
+            keep = None  # a digest collision: never merge on a hash alone
         if keep is None or keep is value:
             seen.setdefault(_key(array), value)
             continue
