@@ -23,6 +23,7 @@ from edgepipe.accuracy import AccuracyResult, concat, measure, resolve_metric
 from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
 from edgepipe.errors import BadInput, EdgepipeError, explain
+from edgepipe.executor import current_map, evaluate_batches
 from edgepipe.export import Source, load_source
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load
@@ -156,7 +157,7 @@ def _build_target(
 ) -> TargetResult:
     spec = recipe.targets[target.name]
     tctx = TargetContext(recipe, spec, calibration is not None)
-    pctx = PassContext(workdir=work / target.name, calibration=calibration, target=target.name)
+    pctx = PassContext(workdir=work / target.name, calibration=calibration, target=target.name, map=current_map())
     model = load(source.onnx_path)
     pass_log = []
     for entry in target.passes(tctx):
@@ -188,7 +189,7 @@ def _check_and_write(recipe, target, tctx, source, ev, model, pass_log, spec_acc
     """Emit into ``tmp``, check accuracy on the emitted file itself, write golden and manifest."""
     emitted = target.emit(model, tmp, tctx)
     runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
-    outputs = run_batches(runner, ev.batches)
+    outputs = evaluate_batches(runner, tmp / emitted.model_file, ev.batches, emitted.providers, emitted.session_config)
     acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)
     log(f"  check {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
     golden = _write_golden(tmp, runner, ev, target, bool(pass_log) and any(p["name"].startswith("quantize") for p in pass_log))
