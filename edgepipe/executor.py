@@ -219,15 +219,19 @@ Done = Callable[[UnitResult], None]
 def run_units(units: list[Unit], executor: str = "local", jobs: int = 1, address: str | None = None,
               retries: int = RETRIES, on_done: Done | None = None) -> list[UnitResult]:
     """Run every unit; results in the order of ``units``. One unit failing never stops the others."""
+    from edgepipe.artifact import remove_stale
+
     done = on_done or (lambda r: None)
     if executor == "ray":
-        return _run_ray(units, address, jobs, retries, done)
-    if jobs > 1 and len(units) > 1:
-        return _run_pool(units, jobs, retries, done)
-    results = []
-    for unit in units:
-        results.append(run_unit(unit))
-        done(results[-1])
+        results = _run_ray(units, address, jobs, retries, done)
+    elif jobs > 1 and len(units) > 1:
+        results = _run_pool(units, jobs, retries, done)
+    else:
+        results = []
+        for unit in units:
+            results.append(run_unit(unit))
+            done(results[-1])
+    remove_stale(scratch_root())  # a worker killed on its last attempt left its scratch (on this host) behind
     return results
 
 

@@ -86,6 +86,7 @@ def cmd_build_many(args: argparse.Namespace) -> int:
     results = run_units(units, args.executor, args.jobs, args.address, args.retries, on_done)
     reports, archives = {}, {}
     for name in dict.fromkeys(r.name for r in results):
+        (out / name).mkdir(parents=True, exist_ok=True)
         remove_stale(out / name)
         mine = [TargetResult(r.target, r.passed, r.folder, r.manifest, r.error) for r in results if r.name == name]
         reports[name] = write_report(out / name, name, mine)
