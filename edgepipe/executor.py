@@ -291,7 +291,8 @@ def _run_ray(units: list[Unit], address: str | None, jobs: int, retries: int, do
             else:
                 ray.init(address="local", num_cpus=jobs, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise BadInput(f"cannot start or reach Ray at {address or 'local'}: {one_line(str(exc))[:300]}") from None
+            hint = "; check the address (auto, HOST:6379 or ray://HEAD:10001) and, for a cluster with token auth, set RAY_AUTH_MODE=token and its token" if address else ""
+            raise BadInput(f"cannot start or reach Ray at {address or 'local'}: {one_line(str(exc))[:300]}{hint}") from None
     try:
         task = ray.remote(num_cpus=1, max_retries=retries)(run_unit)
         refs = {task.remote(dataclasses.replace(u, fanout="ray")): i for i, u in enumerate(units)}

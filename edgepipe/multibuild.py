@@ -68,7 +68,8 @@ def cmd_build_many(args: argparse.Namespace) -> int:
     stream = sys.stderr if args.json else sys.stdout
     where = f"ray ({args.address or 'local'})" if args.executor == "ray" else (f"{args.jobs} local processes" if args.jobs > 1 else "in-process")
     if not args.quiet:
-        print(f"build   {len(units)} units ({len({u.name for u in units})} recipes) on {where}", file=stream, flush=True)
+        recipes = len({u.name for u in units})
+        print(f"build   {len(units)} unit{'s' * (len(units) != 1)} ({recipes} recipe{'s' * (recipes != 1)}) on {where}", file=stream, flush=True)
     count = [0]
 
     def on_done(r: UnitResult) -> None:
