@@ -108,14 +108,15 @@ def bench_eval(cache: Path, n: int) -> list[tuple[str, float, str]]:
     rows, ref = [], None
     import ray
 
-    for label, make in (("in-process (ORT, 2 threads)", None), ("process pool, 2 workers × 1 thread", lambda: ProcessMap(2)),
-                        ("ray, 2 local workers × 1 thread", lambda: RayMap())):
+    single = Runner(model, threads=1)
+    for label, make in (("in-process (ORT default: 2 threads)", None), ("in-process (ORT 1 thread)", None),
+                        ("process pool, 2 workers × 1 thread", lambda: ProcessMap(2)), ("ray, 2 local workers × 1 thread", lambda: RayMap())):
         if label.startswith("ray"):
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         mapper = make() if make else None
         start = time.perf_counter()
         if mapper is None:
-            out = evaluate_batches(runner, model, batches, ["CPUExecutionProvider"], {})
+            out = evaluate_batches(single if "1 thread" in label else runner, model, batches, ["CPUExecutionProvider"], {})
         else:
             with using(mapper):
                 out = evaluate_batches(runner, model, batches, ["CPUExecutionProvider"], {})
@@ -125,7 +126,8 @@ def bench_eval(cache: Path, n: int) -> list[tuple[str, float, str]]:
         key = next(iter(out))
         same = ref is None or np.array_equal(out[key], ref)
         ref = out[key] if ref is None else ref
-        rows.append((label, seconds, "" if mapper is None else f"identical outputs: {'yes' if same else 'NO'}"))
+        vs1 = f"{rows[1][1] / seconds:.2f}× vs 1-thread in-process; " if len(rows) > 1 else ""
+        rows.append((label, seconds, "" if mapper is None else f"{vs1}identical outputs: {'yes' if same else 'NO'}"))
     return rows
 
 

@@ -99,6 +99,8 @@ def using(mapper: Mapper) -> Iterator[Mapper]:
 def evaluate_batches(runner: Any, model_path: Path, batches: list, providers: list[str], session_config: dict[str, str]) -> dict:
     """The artifact's outputs over the eval batches: in-process, or split in contiguous chunks over the map.
 
+    The first batch runs here and times the rest: fanning out pays only when the remaining work exceeds
+    ``EDGEPIPE_FANOUT_MIN_SECONDS`` (default 2 s; a task that loads the model costs about a second).
     Chunks are concatenated in order, so the result equals the in-process one.
     """
     from edgepipe.accuracy import concat
@@ -106,13 +108,17 @@ def evaluate_batches(runner: Any, model_path: Path, batches: list, providers: li
 
     mapper = current_map()
     width = int(getattr(mapper, "width", 1))
-    if width <= 1 or len(batches) < 2:
+    if width <= 1 or len(batches) < 3:
         return run_batches(runner, batches)
+    start = time.perf_counter()
+    first, rest = run_batches(runner, batches[:1]), batches[1:]
+    if (time.perf_counter() - start) * len(rest) < float(os.environ.get("EDGEPIPE_FANOUT_MIN_SECONDS", 2.0)):
+        return concat([first, run_batches(runner, rest)])
     blob = {p.name: p.read_bytes() for p in sorted(model_path.parent.glob(model_path.name + "*")) if p.is_file()}
-    n = min(len(batches), width)
-    bounds = [len(batches) * i // n for i in range(n + 1)]
-    chunks = [batches[bounds[i] : bounds[i + 1]] for i in range(n)]
-    return concat(mapper(functools.partial(_eval_chunk, model_path.name, blob, providers, session_config), chunks))
+    n = min(len(rest), width)
+    bounds = [len(rest) * i // n for i in range(n + 1)]
+    chunks = [rest[bounds[i] : bounds[i + 1]] for i in range(n)]
+    return concat([first, *mapper(functools.partial(_eval_chunk, model_path.name, blob, providers, session_config), chunks)])
 
 
 def _eval_chunk(model_file: str, blob: dict[str, bytes], providers: list[str], session_config: dict[str, str], chunk: list) -> dict:

@@ -72,13 +72,15 @@ def ray_local(tmp_path_factory):
     import ray
 
     scratch = tmp_path_factory.mktemp("scratch")
-    os.environ["EDGEPIPE_SCRATCH"] = str(scratch)  # the raylet and its workers inherit it
+    os.environ["EDGEPIPE_SCRATCH"] = str(scratch)  # the raylet and its workers inherit these
+    os.environ["EDGEPIPE_FANOUT_MIN_SECONDS"] = "0"  # fan out even the small digits eval set
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield scratch / "edgepipe-units"
     finally:
         ray.shutdown()
         os.environ.pop("EDGEPIPE_SCRATCH", None)
+        os.environ.pop("EDGEPIPE_FANOUT_MIN_SECONDS", None)
 
 
 def test_ray_builds_match_local_and_survive_dead_workers(ray_local, digits_build, tmp_path, capsys):
@@ -112,7 +114,7 @@ def test_ray_builds_match_local_and_survive_dead_workers(ray_local, digits_build
     assert list(ray_local.iterdir()) == []
 
 
-def test_evaluation_fans_out_as_ray_tasks(ray_local, digits_build):
+def test_evaluation_fans_out_as_ray_tasks(ray_local, digits_build, monkeypatch):
     import numpy as np
     import ray
 
@@ -125,12 +127,22 @@ def test_evaluation_fans_out_as_ray_tasks(ray_local, digits_build):
     batches = eval_batches("data.py:evaluation", DIGITS)
     runner = Runner(model)
     assert RayMap()(abs, [-1, 2, -3]) == [1, 2, 3] and ray.is_initialized()
-    with using(RayMap()) as mapper:
+    calls = []
+
+    class Counting(RayMap):
+        def __call__(self, fn, items):
+            calls.append(len(items))
+            return super().__call__(fn, items)
+
+    local = run_batches(runner, batches)
+    with using(Counting()) as mapper:
         assert mapper.width == 2
         fanned = evaluate_batches(runner, model, batches, ["CPUExecutionProvider"], {})
-    local = run_batches(runner, batches)
-    assert fanned.keys() == local.keys()
-    assert all(np.array_equal(fanned[k], local[k]) for k in local)
+        assert calls == [2]  # the batches after the first, in 2 chunks on Ray
+        assert fanned.keys() == local.keys() and all(np.array_equal(fanned[k], local[k]) for k in local)
+        monkeypatch.setenv("EDGEPIPE_FANOUT_MIN_SECONDS", "60")  # too little work to be worth a task
+        again = evaluate_batches(runner, model, batches, ["CPUExecutionProvider"], {})
+        assert calls == [2] and all(np.array_equal(again[k], local[k]) for k in local)
 
 
 def test_process_pool_resubmits_after_a_dead_worker(tmp_path, capsys):
