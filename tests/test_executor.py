@@ -151,7 +151,7 @@ def test_process_pool_resubmits_after_a_dead_worker(tmp_path, capsys):
     broken = _recipe(tmp_path / "broken", "digits-broken", model="bad.py:build",
                      files={"bad.py": "def build():\n    raise RuntimeError('weights file is missing')\n"})
     out = tmp_path / "pool-out"
-    rc = main(["build", crash, broken, "-o", str(out), "--jobs", "2", "--json"])
+    rc = main(["build", crash, broken, "-o", str(out), "--jobs", "2", "--json", "--archive"])
     captured = capsys.readouterr()
     assert rc == 1, captured.err
     units = {u["name"]: u for u in json.loads(captured.out)["units"]}
@@ -159,8 +159,16 @@ def test_process_pool_resubmits_after_a_dead_worker(tmp_path, capsys):
     assert units["digits-broken"]["status"] == "error" and "weights file is missing" in units["digits-broken"]["error"]
     assert (tmp_path / "crash" / "crashed.marker").exists()
     assert main(["verify", str(out / "digits-crash" / "cpu")]) == 0
+    assert main(["verify", units["digits-crash"]["archive"]]) == 0
     assert not (out / "digits-broken" / "cpu").exists()
     _no_leftovers(out)
+
+
+def test_dry_run_checks_every_recipe(tmp_path, capsys):
+    assert main(["build", DIGITS_RECIPE, _dynamic(tmp_path / "dynamic"), "--dry-run", "-o", str(tmp_path / "out"), "--jobs", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "recipe digits-cnn: valid" in text and "recipe digits-dynamic: valid" in text
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_ray_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
