@@ -12,7 +12,7 @@ install: $(STAMP)
 # Re-runs only when the project's dependency files change (fast the second time).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[hf,test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[hf,test,ray]"
 	@touch $(STAMP)
 
 demo: install

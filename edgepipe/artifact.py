@@ -163,6 +163,13 @@ def remove_stale(folder: Path) -> list[str]:
         pid = _pid_in(name)
         if pid is not None and _alive(pid):
             continue
+        if ".old-" in name:
+            # Killed between the two renames of publish(): the old artifact is the only one; put it back.
+            final = folder / name[1:].split(".old-", 1)[0]
+            if not final.exists():
+                os.replace(path, final)
+                removed.append(f"{name} (restored)")
+                continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(name)
     return removed

@@ -23,6 +23,7 @@ from edgepipe.accuracy import AccuracyResult, Metric, concat, measure, resolve_m
 from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
 from edgepipe.errors import BadInput, EdgepipeError, explain
+from edgepipe.executor import current_map, evaluate_batches
 from edgepipe.export import Source, load_source
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load, save
@@ -186,7 +187,9 @@ def _build_target(
         if variant.key != "main":
             log(f"  model {variant.key}")
         evaluate = candidate_evaluator(spec_acc, metric, ev, work / target.name / variant.key / "candidates")
-        pctx = PassContext(workdir=work / target.name / variant.key, calibration=calibration, evaluate=evaluate, target=target.name)
+        pctx = PassContext(
+            workdir=work / target.name / variant.key, calibration=calibration, evaluate=evaluate, target=target.name, map=current_map()
+        )
         model, pass_log = _run_passes(variant.passes, pctx, load(source.onnx_path), log)
         cap = None
         if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
@@ -220,7 +223,7 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
     for b in built:
         emitted = target.emit(b.model, tmp, tctx, b.key)
         runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
-        outputs = run_batches(runner, ev.batches)
+        outputs = evaluate_batches(runner, tmp / emitted.model_file, ev.batches, emitted.providers, emitted.session_config)
         acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)
         name = emitted.model_file
         log(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")

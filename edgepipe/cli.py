@@ -25,7 +25,11 @@ def _console():
 def cmd_build(args: argparse.Namespace) -> int:
     from edgepipe.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    if len(args.recipe) > 1 or args.executor != "local" or args.jobs > 1 or args.address:
+        from edgepipe.multibuild import cmd_build_many
+
+        return cmd_build_many(args)
+    recipe = load_recipe(args.recipe[0])
     only = [t.strip() for t in args.target.split(",") if t.strip()] if args.target else None
     out = Path(args.output)
     if args.dry_run:
@@ -183,12 +187,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _positive0(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgepipe", description="Trained model to validated edge-deployment builds.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="run a recipe: export, passes, emit, check")
-    b.add_argument("recipe")
+    b.add_argument("recipe", nargs="+", help="one or more recipe files; each (recipe, target) is one build unit")
     b.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     b.add_argument("--target", help="comma-separated subset of the recipe's targets")
     b.add_argument("--force", action="store_true", help="replace existing artifacts")
@@ -196,6 +212,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="check recipe, data, passes and output folder; build nothing")
     b.add_argument("--archive", action="store_true", help="also write OUT/<name>/<name>-<target>.tar.gz (reproducible)")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout (progress on stderr)")
+    b.add_argument("--executor", choices=("local", "ray"), default="local", help="where units run (default: in-process)")
+    b.add_argument("--address", help="Ray cluster to use: auto, HOST:PORT or ray://HOST:10001 (default: start a local Ray)")
+    b.add_argument("--jobs", type=_positive, default=1, help="local: process-pool size; ray: CPUs of the local Ray")
+    b.add_argument("--retries", type=_positive0, default=3, help="reruns of a unit whose worker died (default: 3)")
     b.set_defaults(func=cmd_build)
     v = sub.add_parser("verify", help="re-hash an artifact and rerun its golden I/O")
     v.add_argument("artifact", help="artifact folder or its .tar.gz")

@@ -14,6 +14,8 @@ import onnx
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
+from edgepipe.executor import Mapper, local_map
+
 Batch = dict[str, np.ndarray]
 
 
@@ -31,6 +33,7 @@ class PassContext:
     calibration: Callable[[], Iterable[Batch]] | None = None
     evaluate: Callable[[ir.Model], float] | None = None  # metric of a candidate model (higher is better)
     target: str = "cpu"
+    map: Mapper = local_map  # map(fn, items) -> list: fans out over the build's executor (docs/executor.md)
 
     def scratch(self, stem: str) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -102,3 +102,15 @@ def test_large_model_path_uses_external_data(tmp_path, monkeypatch):
     assert main(["verify", str(cpu)]) == 0
     (cpu / "model.onnx.data").write_bytes(b"\0" * 16)
     assert main(["verify", str(cpu)]) == 1
+
+
+def test_kill_between_publish_renames_is_recovered(artifact):
+    # publish() moved the old artifact aside, then died before moving the new one in.
+    from edgepipe.artifact import remove_stale
+
+    root = artifact.parent
+    aside = root / ".cpu.old-999999999"
+    artifact.rename(aside)
+    (root / ".cpu.tmp-999999999-abc").mkdir()
+    assert sorted(remove_stale(root)) == [".cpu.old-999999999 (restored)", ".cpu.tmp-999999999-abc"]
+    assert main(["verify", str(artifact)]) == 0
