@@ -111,6 +111,18 @@ def measure(
     return AccuracyResult(metric.name, output, ref_value, float(value), float(drop), budget, passed, len(ref))
 
 
+def reference_value(spec: AccuracySpec, metric: Metric, reference: Outputs, labels: np.ndarray | None) -> float:
+    """The metric of the reference itself (1.0 for cosine; with labels, the reference's task score)."""
+    ref = reference[spec.output or next(iter(reference))]
+    return metric.fn(ref, ref, labels)
+
+
+def budget_met(spec: AccuracySpec, metric: Metric, ref: float, value: float) -> bool:
+    """Does ``value`` meet the budget, given the reference's own ``ref``?"""
+    drop = (ref - value) if metric.higher_is_better else (value - ref)
+    return _budget(spec, metric, ref, value, drop)[1]
+
+
 def _budget(spec: AccuracySpec, metric: Metric, ref: float, value: float, drop: float) -> tuple[dict, bool]:
     budget: dict[str, float] = {}
     passed = bool(np.isfinite(value))

@@ -18,14 +18,14 @@ import onnxruntime as ort
 
 import edgepipe
 from edgepipe import data as data_mod
-from edgepipe.accuracy import AccuracyResult, concat, measure, resolve_metric
+from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, measure, reference_value, resolve_metric
 from edgepipe.artifact import GOLDEN, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
 from edgepipe.errors import BadInput, EdgepipeError
 from edgepipe.export import Source, load_source
 from edgepipe.passes import PassContext, create, model_stats
-from edgepipe.passes.base import load
-from edgepipe.recipe import Recipe
+from edgepipe.passes.base import load, save
+from edgepipe.recipe import AccuracySpec, Recipe
 from edgepipe.runtime import Runner
 from edgepipe.targets import TARGETS, Emitted, Target, TargetContext
 
@@ -72,8 +72,7 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
     for t in targets:
         if (root / t).exists() and not force:
             raise BadInput(f"{root / t} already exists; pass --force to replace it or choose another -o folder")
-    calibration = data_mod.calibration_source(recipe.data.calibration, recipe.base_dir) if recipe.data.calibration else None
-    eval_data = data_mod.eval_batches(recipe.data.eval, recipe.base_dir) if recipe.data.eval else None
+    calibration, eval_data = _data_sources(recipe)
     first = eval_data[0][0] if eval_data else (next(iter(calibration()), None) if calibration else None)
     _check_data_names(recipe, first)
     root.mkdir(parents=True, exist_ok=True)
@@ -91,6 +90,18 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _data_sources(recipe: Recipe):
+    """(calibration source, eval batches); text files are tokenized with an hf model's own tokenizer."""
+    encoder = None
+    if recipe.model.kind == "hf":
+        from edgepipe.hf import hf_folder, text_encoder
+
+        encoder = text_encoder(hf_folder(recipe), recipe.data.max_length)
+    d, base = recipe.data, recipe.base_dir
+    calibration = data_mod.calibration_source(d.calibration, base, encoder) if d.calibration else None
+    return calibration, (data_mod.eval_batches(d.eval, base, encoder) if d.eval else None)
 
 
 def _check_data_names(recipe: Recipe, batch: dict[str, np.ndarray] | None) -> None:
@@ -136,7 +147,10 @@ def _build_target(
 ) -> TargetResult:
     spec = recipe.targets[target.name]
     tctx = TargetContext(recipe, spec, calibration is not None)
+    spec_acc = target.accuracy(tctx)
+    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
     pctx = PassContext(workdir=work / target.name, calibration=calibration, target=target.name)
+    pctx.evaluate, pctx.accept = _evaluator(target, spec_acc, metric, ev, work / target.name)
     model = load(source.onnx_path)
     pass_log = []
     for entry in target.passes(tctx):
@@ -153,8 +167,8 @@ def _build_target(
         stats = {"before": before, "after": model_stats(model), **getattr(result, "stats", {})}
         pass_log.append({"name": p.name, "params": p.config.model_dump(), "modified": result.modified, "stats": stats})
         log(f"  pass  {p.name:<18} nodes {before['nodes']}→{stats['after']['nodes']}  bytes {before['bytes']}→{stats['after']['bytes']}  ({time.perf_counter() - start:.1f}s)")
-    spec_acc = target.accuracy(tctx)
-    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
+        if stats.get("summary"):
+            log(f"        {stats['summary']}")
     try:
         with staging(final, force) as tmp:
             manifest = _check_and_write(recipe, target, tctx, source, ev, model, pass_log, spec_acc, metric, tmp, log)
@@ -163,9 +177,41 @@ def _build_target(
     return TargetResult(target.name, True, final, manifest)
 
 
+def _evaluator(target: Target, spec: AccuracySpec, metric: Metric, ev: Evaluation, work: Path):
+    """(evaluate, accept) for passes: a candidate's metric on the eval data (higher is better), and the budget."""
+    sign = 1.0 if metric.higher_is_better else -1.0
+    ref = reference_value(spec, metric, ev.reference, ev.labels)
+
+    def evaluate(model: ir.Model, samples: int | None = None) -> float:
+        """``samples``: only the first N eval samples (a quick, ranking-grade estimate)."""
+        batches, n = [], 0
+        for inputs, labels in ev.batches:
+            if samples is not None and n >= samples:
+                break
+            batches.append((inputs, labels))
+            n += len(next(iter(inputs.values())))
+        reference = {k: v[:n] for k, v in ev.reference.items()}
+        labels = None if ev.labels is None else ev.labels[:n]
+        work.mkdir(parents=True, exist_ok=True)
+        path = save(model, Path(tempfile.mkdtemp(prefix="eval-", dir=work)) / "model.onnx")
+        try:
+            outputs = run_batches(Runner(path, providers=target.providers), batches)
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)
+        return sign * measure(spec, metric, outputs, reference, labels).value
+
+    def accept(score: float) -> bool:
+        return budget_met(spec, metric, ref, sign * score)
+
+    return evaluate, accept
+
+
 def _check_and_write(recipe, target, tctx, source, ev, model, pass_log, spec_acc, metric, tmp: Path, log: Log) -> dict:
     """Emit into ``tmp``, check accuracy on the emitted file itself, write golden and manifest."""
     emitted = target.emit(model, tmp, tctx)
+    for rel, path in source.extra_files.items():  # e.g. tokenizer files: hashed in the manifest like the model
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, tmp / rel)
     runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
     outputs = run_batches(runner, ev.batches)
     acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)

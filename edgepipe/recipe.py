@@ -66,6 +66,7 @@ class InputSpec(Strict):
 class DataSpec(Strict):
     calibration: str | None = None
     eval: str | None = None
+    max_length: int | None = Field(default=None, ge=1)  # text data: tokens per example (truncation)
 
 
 class AccuracySpec(Strict):
@@ -143,8 +144,27 @@ class Recipe(Strict):
         return self
 
     def path(self, text: str) -> Path:
-        """A path from the recipe, resolved relative to the recipe file."""
+        """A path from the recipe, relative to the recipe file; ``pkg://package/sub/dir`` is inside an installed package."""
+        if text.startswith(PKG_SCHEME):
+            return package_path(text)
         return (self.base_dir / text).resolve()
+
+
+PKG_SCHEME = "pkg://"
+
+
+def package_path(text: str) -> Path:
+    """``pkg://package/sub/path`` → that path inside the installed package (e.g. bundled model weights)."""
+    import importlib.util
+
+    package, _, rest = text.removeprefix(PKG_SCHEME).partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(f"recipe: {text}: no installed Python package '{package}'; pip install it (pkg:// names a package)")
+    return (Path(next(iter(spec.submodule_search_locations))) / rest).resolve()
 
 
 def _unwrap(annotation: Any) -> type[BaseModel] | None:
@@ -224,7 +244,7 @@ def _check_files(recipe: Recipe) -> None:
     src = recipe.model
     if src.onnx and not recipe.path(src.onnx).is_file():
         raise BadInput(f"recipe: model.onnx file {recipe.path(src.onnx)} not found")
-    if src.hf and not recipe.path(src.hf).is_dir():
+    if src.hf and not recipe.path(src.hf).is_dir():  # pkg:// names a folder inside an installed package
         raise BadInput(f"recipe: model.hf folder {recipe.path(src.hf)} not found")
     refs = {
         "model.torch": src.torch,

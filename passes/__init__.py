@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from edgepipe.passes.autoquant import QuantizeAuto
 from edgepipe.passes.base import EdgepipePass, PassContext, StatsResult, model_stats
 from edgepipe.passes.cleanup import Cleanup
+from edgepipe.passes.fuse import FuseTransformer
 from edgepipe.passes.optimize import OrtOptimize
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 from pydantic import ValidationError
@@ -14,7 +16,7 @@ from pydantic import ValidationError
 from edgepipe.errors import BadInput, one_line
 
 PASSES: dict[str, type[EdgepipePass]] = {
-    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic)
+    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic, FuseTransformer, QuantizeAuto)
 }
 
 __all__ = ["PASSES", "EdgepipePass", "PassContext", "StatsResult", "create", "model_stats", "validate_spec"]

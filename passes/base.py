@@ -28,7 +28,9 @@ class PassContext:
 
     workdir: Path
     calibration: Callable[[], Iterable[Batch]] | None = None
-    evaluate: Callable[[ir.Model], float] | None = None  # metric of a candidate model (higher is better)
+    # metric of a candidate model on the eval data, higher is better; evaluate(model, samples=N) uses the first N only
+    evaluate: Callable[..., float] | None = None
+    accept: Callable[[float], bool] | None = None  # does an ``evaluate`` score meet the target's budget?
     target: str = "cpu"
 
     def scratch(self, stem: str) -> Path:
