@@ -13,6 +13,8 @@ from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 from pydantic import model_validator
 
 METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic}
+# ops worth keeping in float: the ones with weights and int8 kernels (not Relu/MaxPool/Reshape around them)
+CANDIDATES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Attention", "EmbedLayerNormalization", "Gather", "LSTM", "GRU"]
 DEAD = "__edgepipe_quantized"
 
 
@@ -20,8 +22,9 @@ class AutoConfig(PassConfig):
     method: Literal["dynamic", "static"] = "dynamic"
     options: dict[str, Any] = {}  # options of quantize.<method>
     search: Literal["bisect", "stepwise"] = "bisect"
-    max_float: float = 0.5  # most nodes kept in float: a share of the quantized nodes (< 1) or a count
+    max_float: int | float = 0.5  # most nodes kept in float: a share of the quantized nodes (a float ≤ 1) or a count (an int)
     analyze: Literal["on_failure", "always"] = "on_failure"  # per-node sensitivity when the budget breaks, or always
+    candidate_ops: list[str] = CANDIDATES
     sensitivity_samples: int | None = 64  # eval samples per sensitivity run (ranking only); None: all
 
     @model_validator(mode="after")
@@ -30,50 +33,95 @@ class AutoConfig(PassConfig):
         return self
 
 
-def quantized_nodes(float_model: onnx.ModelProto, quantized: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Float nodes whose output the quantized graph computes differently (by another op or from other inputs)."""
+def quantized_nodes(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ops: list[str] | None = None) -> list[onnx.NodeProto]:
+    """Float nodes (of ``ops``) whose output the quantized graph computes differently (another op, other inputs)."""
     producer = {o: n for n in quantized.graph.node for o in n.output}
     changed = []
     for node in float_model.graph.node:
         q = producer.get(node.output[0]) if node.output else None
-        if q is None or q.op_type != node.op_type or list(q.input) != list(node.input):
-            if q is not None and node.op_type not in ("Constant", "Identity"):
+        if q is not None and (ops is None or node.op_type in ops):
+            if q.op_type != node.op_type or list(q.input) != list(node.input):
                 changed.append(node)
     return changed
 
 
+def restore_group(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """The named nodes plus the float producers of inputs the quantized graph no longer has.
+
+    (QDQ quantization folds a Conv's Relu into the Conv: restoring the Relu needs the float Conv too.)
+    """
+    defined = _defined(quantized.graph) | {i.name for i in float_model.graph.initializer}
+    producer = {o: n for n in float_model.graph.node for o in n.output}
+    group, todo = list(dict.fromkeys(names)), list(names)
+    made = {o for n in float_model.graph.node if n.name in group for o in n.output}
+    by_name = {n.name: n for n in float_model.graph.node}
+    while todo:
+        for inp in by_name[todo.pop()].input:
+            if inp and inp not in defined and inp not in made and inp in producer:
+                group.append(producer[inp].name)
+                todo.append(producer[inp].name)
+                made |= set(producer[inp].output)
+    return group
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    return {i.name for i in graph.initializer} | {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+
+
 def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """The quantized model with the named nodes restored to their float form.
+    """The quantized model with the named nodes (and what they need, see ``restore_group``) back in float.
 
     The quantized subgraph of each node stops feeding anything (its outputs are renamed) and is pruned;
     shared pieces (a DynamicQuantizeLinear read by Q, K and V) stay while another node still reads them.
     """
+    group = restore_group(quantized, float_model, names)
     out = onnx.ModelProto()
     out.CopyFrom(quantized)
     graph = out.graph
-    float_nodes = {n.name: n for n in float_model.graph.node}
     float_inits = {i.name: i for i in float_model.graph.initializer}
-    defined = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
-    for name in names:
-        node = float_nodes[name]
-        wanted = set(node.output)
-        index = None
-        for i, q in enumerate(graph.node):
-            hit = [j for j, o in enumerate(q.output) if o in wanted]
-            for j in hit:
-                q.output[j] = q.output[j] + DEAD
-            if hit:
-                q.name = q.name + DEAD
-                index = i if index is None else min(index, i)
-        restored = onnx.NodeProto()
-        restored.CopyFrom(node)
-        graph.node.insert(index if index is not None else len(graph.node), restored)
+    defined = _defined(graph)
+    order = {n.name: i for i, n in enumerate(float_model.graph.node)}
+    restored = sorted((n for n in float_model.graph.node if n.name in set(group)), key=lambda n: order[n.name])
+    wanted = {o for n in restored for o in n.output}
+    for q in graph.node:
+        hit = [j for j, o in enumerate(q.output) if o in wanted]
+        for j in hit:
+            q.output[j] = q.output[j] + DEAD
+        if hit:
+            q.name = q.name + DEAD
+    for node in restored:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        graph.node.append(copy)
         for inp in node.input:
             if inp and inp not in defined and inp in float_inits:
                 graph.initializer.append(float_inits[inp])
                 defined.add(inp)
+    _toposort(graph)
     _prune(graph)
     return out
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Stable topological order (restored nodes were appended at the end)."""
+    ready = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"cannot order the graph: node '{rest[0].name}' reads an undefined value")
+        pending = rest
+    copies = [onnx.NodeProto() for _ in ordered]
+    for c, n in zip(copies, ordered, strict=True):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -101,6 +149,11 @@ class QuantizeAuto(EdgepipePass):
     def call(self, model: ir.Model) -> StatsResult:
         c, ctx = self.config, self.context
         inner_cls = METHODS[c.method]
+        if c.method == "static":
+            # Keep Relu/Clip as nodes: folded away, their output names would carry pre-activation values and a
+            # node restored to float would read the wrong tensor.
+            extra = {"QDQKeepRemovableActivations": True, **c.options.get("extra_options", {})}
+            c = c.model_copy(update={"options": {**c.options, "extra_options": extra}})
         first = inner_cls(inner_cls.Config(**c.options), ctx)(model)
         if ctx.evaluate is None or ctx.accept is None:
             stats = {**first.stats, "search": "skipped: no evaluation data or budget in this build"}
@@ -115,7 +168,7 @@ class QuantizeAuto(EdgepipePass):
             return StatsResult(first.model, first.modified, stats)
 
         fproto, qproto = ir.to_proto(model), ir.to_proto(first.model)
-        candidates = quantized_nodes(fproto, qproto)
+        candidates = quantized_nodes(fproto, qproto, c.candidate_ops)
 
         def score_with(names: list[str], samples: int | None = None) -> float:
             return evaluate(ir.from_proto(keep_float(qproto, fproto, names)), samples=samples)
@@ -134,8 +187,8 @@ class QuantizeAuto(EdgepipePass):
             stats["summary"] = f"int8 meets the budget ({score:.4f}); sensitivity of {len(order)} nodes measured"
             return StatsResult(first.model, first.modified, stats)
 
-        limit = min(len(order), c.max_float if c.max_float >= 1 else math.ceil(c.max_float * len(order)))
-        limit = int(limit)
+        share = isinstance(c.max_float, float)
+        limit = min(len(order), math.ceil(c.max_float * len(order)) if share else c.max_float)
 
         def step(k: int) -> bool:
             s = score_with(order[:k])
@@ -144,23 +197,20 @@ class QuantizeAuto(EdgepipePass):
 
         best = self._search(step, limit, c.search)
         stats["search_seconds"] = round(time.perf_counter() - start, 2)
-        if best is None:
-            stats.update(kept_float=order[:limit], passed=False)
-            stats["summary"] = (
-                f"budget not met: int8 {score:.4f}, and still {steps[-1]['metric']:.4f} with the {limit} most "
-                f"sensitive of {len(order)} nodes in float (max_float {c.max_float})"
-            )
-            kept = order[:limit]
-        else:
-            kept = order[:best]
-        options = {**c.options, "nodes_to_exclude": list(c.options.get("nodes_to_exclude", [])) + kept}
+        kept = order[: (limit if best is None else best)]
+        exclude = restore_group(qproto, fproto, kept)
+        options = {**c.options, "nodes_to_exclude": list(c.options.get("nodes_to_exclude", [])) + exclude}
         final = inner_cls(inner_cls.Config(**options), ctx)(model)
         final_score = evaluate(final.model)
-        stats.update(kept_float=kept, final_metric=round(final_score, 6), passed=accept(final_score))
-        if best is not None:
+        passed = accept(final_score)
+        stats.update(kept_float=kept, final_metric=round(final_score, 6), passed=passed)
+        tried = f"({len(steps) - 1} search steps, {len(order)} sensitivity runs)"
+        if passed:
+            stats["summary"] = f"int8 {score:.4f} broke the budget; kept {len(kept)} of {len(order)} nodes in float → {final_score:.4f} {tried}"
+        else:
             stats["summary"] = (
-                f"int8 {score:.4f} broke the budget; kept {len(kept)} of {len(order)} quantized nodes in float "
-                f"→ {final_score:.4f} ({len(steps) - 1} search steps, {len(order)} sensitivity runs)"
+                f"budget not met: int8 {score:.4f}, and {final_score:.4f} with the {len(kept)} most sensitive of "
+                f"{len(order)} nodes in float (max_float {c.max_float}) {tried}"
             )
         return StatsResult(final.model, True, stats)
 
