@@ -21,6 +21,7 @@ from edgepipe import data as data_mod
 from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, measure, reference_value, resolve_metric
 from edgepipe.artifact import GOLDEN, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
+from edgepipe.checks import data_warnings, speed_warning
 from edgepipe.errors import BadInput, EdgepipeError
 from edgepipe.export import Source, load_source
 from edgepipe.passes import PassContext, create, model_stats
@@ -50,6 +51,7 @@ class Evaluation:
     labels: np.ndarray | None
     reference: dict[str, np.ndarray]
     origin: str  # eval | calibration | synthetic
+    warnings: list[str] = dataclasses.field(default_factory=list)  # weak data: in every manifest and the report
 
 
 def select_targets(recipe: Recipe, only: list[str] | None) -> list[str]:
@@ -81,6 +83,7 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
         log(f"export  {recipe.model.kind} source → ONNX")
         source = load_source(recipe, work, first)
         evaluation = _evaluation(source, eval_data, calibration)
+        evaluation.warnings = data_warnings(evaluation.origin, calibration, quantized=True)
         for batch, _ in evaluation.batches[:1]:
             data_mod.check_batch(batch, source.inputs, "data")
         results = []
@@ -216,9 +219,19 @@ def _check_and_write(recipe, target, tctx, source, ev, model, pass_log, spec_acc
     outputs = run_batches(runner, ev.batches)
     acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)
     log(f"  check {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
-    golden = _write_golden(tmp, runner, ev, target, bool(pass_log) and any(p["name"].startswith("quantize") for p in pass_log))
+    quantized = bool(pass_log) and any(p["name"].startswith("quantize") for p in pass_log)
+    golden = _write_golden(tmp, runner, ev, target, quantized)
     feed1 = resize_batch(ev.batches[0][0], 1)
-    manifest = _manifest(recipe, target, source, emitted, runner, pass_log, acc, ev, golden, latency(runner, feed1), tmp)
+    lat = latency(runner, feed1)
+    manifest = _manifest(recipe, target, source, emitted, runner, pass_log, acc, ev, golden, lat, tmp)
+    manifest["warnings"] = list(ev.warnings)
+    if quantized:  # speed check: int8 that is not faster than float says so, with the likely cause
+        float_ms = latency(Runner(source.onnx_path, providers=emitted.providers), feed1)["p50_ms"]
+        manifest["latency"]["float_p50_ms"] = float_ms
+        slow = speed_warning(tmp / emitted.model_file, lat["p50_ms"], float_ms)
+        manifest["warnings"] += [slow] if slow else []
+    for w in manifest["warnings"]:
+        log(f"  warn  {w}")
     manifest = write_manifest(tmp, manifest)
     if not acc.passed:
         # Nothing half-trusted is published: the failed artifact is dropped, its manifest reported.

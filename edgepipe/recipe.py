@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgepipe.errors import BadInput, one_line
 
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
-BUILTIN_METRICS = ("top1", "cosine", "rel_l2", "max_abs")
+BUILTIN_METRICS = ("top1", "top5", "cosine", "cosine_min", "knn10", "rel_l2", "max_abs")
 
 
 class Strict(BaseModel):

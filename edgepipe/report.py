@@ -16,6 +16,26 @@ def _size(result: TargetResult) -> int:
     return 0 if not files else -1
 
 
+def _search_table(p: dict) -> str:
+    """quantize.auto: the steps tried and the most sensitive nodes (what was kept in float and why)."""
+    stats = p.get("stats", {})
+    if "steps" not in stats:
+        return ""
+    steps = "".join(
+        f"<tr><td>{s['kept_float']}</td><td>{s['metric']:.6f}</td><td>{'meets' if s['passed'] else 'breaks'} budget</td></tr>"
+        for s in stats["steps"]
+    )
+    ranked = "".join(
+        f"<tr><td>{html.escape(r['node'])}</td><td>{r['op']}</td><td>{r['gain']:+.6f}</td></tr>" for r in stats.get("sensitivity", [])[:10]
+    )
+    kept = ", ".join(html.escape(k) for k in stats.get("kept_float", [])) or "none"
+    return (
+        f"<p><b>{html.escape(p['name'])}</b>: {html.escape(stats.get('summary', ''))}<br>kept in float: {kept}</p>"
+        f"<table><tr><th>nodes kept float</th><th>metric</th><th></th></tr>{steps}</table>"
+        + (f"<table><tr><th>most sensitive node</th><th>op</th><th>metric gain when float</th></tr>{ranked}</table>" if ranked else "")
+    )
+
+
 def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
     rows = []
     for r in results:
@@ -28,6 +48,8 @@ def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
             for p in m.get("passes", [])
         )
         status = "passed" if r.passed else f"FAILED ({html.escape(r.error or '')})"
+        status += "".join(f"<div class='warn'>⚠ {html.escape(w)}</div>" for w in m.get("warnings", []))
+        passes += "".join(_search_table(p) for p in m.get("passes", []))
         rows.append(
             f"<tr><td>{html.escape(r.target)}</td><td class='{'ok' if r.passed else 'bad'}'>{status}</td>"
             f"<td>{_size(r):,}</td><td>{acc.get('metric', '')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f}"
@@ -35,7 +57,7 @@ def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
         )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edgepipe: {html.escape(name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.4em .7em;vertical-align:top}}.ok{{color:#070}}.bad{{color:#b00}}</style></head>
+td,th{{border:1px solid #ccc;padding:.4em .7em;vertical-align:top}}.ok{{color:#070}}.bad{{color:#b00}}.warn{{color:#a60;font-size:90%}}</style></head>
 <body><h1>edgepipe build: {html.escape(name)}</h1>
 <table><tr><th>target</th><th>status</th><th>model bytes</th><th>accuracy (reference → artifact)</th><th>p50 ms (batch 1)</th><th>passes</th></tr>
 {''.join(rows)}</table></body></html>

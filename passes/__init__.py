@@ -11,12 +11,13 @@ from edgepipe.passes.cleanup import Cleanup
 from edgepipe.passes.fuse import FuseTransformer
 from edgepipe.passes.optimize import OrtOptimize
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
+from edgepipe.passes.smooth import SmoothQuant
 from pydantic import ValidationError
 
 from edgepipe.errors import BadInput, one_line
 
 PASSES: dict[str, type[EdgepipePass]] = {
-    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic, FuseTransformer, QuantizeAuto)
+    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic, FuseTransformer, QuantizeAuto, SmoothQuant)
 }
 
 __all__ = ["PASSES", "EdgepipePass", "PassContext", "StatsResult", "create", "model_stats", "validate_spec"]

@@ -21,7 +21,7 @@ DEAD = "__edgepipe_quantized"
 class AutoConfig(PassConfig):
     method: Literal["dynamic", "static"] = "dynamic"
     options: dict[str, Any] = {}  # options of quantize.<method>
-    search: Literal["bisect", "stepwise"] = "bisect"
+    search: Literal["bisect", "stepwise"] = "bisect"  # bisect: 1, 2, 4 ... nodes, then bisection; stepwise: 1, 2, 3 ...
     max_float: int | float = 0.5  # most nodes kept in float: a share of the quantized nodes (a float ≤ 1) or a count (an int)
     analyze: Literal["on_failure", "always"] = "on_failure"  # per-node sensitivity when the budget breaks, or always
     candidate_ops: list[str] = CANDIDATES
@@ -221,9 +221,13 @@ class QuantizeAuto(EdgepipePass):
             return None
         if how == "stepwise":
             return next((k for k in range(1, limit + 1) if step(k)), None)
-        if not step(limit):
-            return None
-        lo, hi = 0, limit  # lo fails (the plain int8 model), hi passes
+        # galloping: 1, 2, 4 ... nodes (few are usually enough), then bisect between the last miss and the hit
+        lo, k = 0, 1
+        while not step(min(k, limit)):
+            if k >= limit:
+                return None
+            lo, k = min(k, limit), k * 2
+        hi = min(k, limit)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if step(mid) else (mid, hi)

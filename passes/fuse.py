@@ -30,6 +30,7 @@ class FuseConfig(PassConfig):
     threads: int = 2
     sequence: int = 128  # timing shape for dynamic sequence dims
     runs: int = 20
+    compare_as: Literal["float", "int8"] = "float"  # int8: time both graphs after dynamic int8 (for int8 targets)
 
 
 def expected_fusions(model: onnx.ModelProto) -> dict[str, int]:
@@ -85,21 +86,45 @@ def _feed(session: ort.InferenceSession, sequence: int) -> dict[str, np.ndarray]
     return feed
 
 
-def p50_ms(path: Path, threads: int, sequence: int, runs: int) -> float:
-    """Median latency (ms) on the CPU provider at batch 1, ``sequence`` tokens."""
+def p50_ms(paths: list[Path], threads: int, sequence: int, runs: int) -> list[float]:
+    """Median latency (ms) of each model on the CPU provider at batch 1, ``sequence`` tokens.
+
+    Runs alternate between the models so that both see the same background load.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = _feed(session, sequence)
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    feeds = [_feed(s, sequence) for s in sessions]
+    times: list[list[float]] = [[] for _ in sessions]
+    for r in range(runs + 3):
+        for i, (session, feed) in enumerate(zip(sessions, feeds, strict=True)):
+            start = time.perf_counter()
+            session.run(None, feed)
+            if r >= 3:
+                times[i].append((time.perf_counter() - start) * 1e3)
+    return [float(np.median(t)) for t in times]
+
+
+@contextlib.contextmanager
+def _no_root_warnings():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "Please consider to run pre-processing before quantization"
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _int8(path: Path) -> Path:
+    """The dynamic int8 form of a model, to compare graphs as an int8 target will ship them."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = path.with_suffix(".int8.onnx")
+    with contextlib.redirect_stdout(io.StringIO()), _no_root_warnings():
+        quantize_dynamic(path, out, per_channel=True, weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": 1})
+    return out
 
 
 class FuseTransformer(EdgepipePass):
@@ -146,11 +171,14 @@ class FuseTransformer(EdgepipePass):
         if c.keep == "auto":
             keep, why = False, "nothing fused"
             if sum(achieved.values()):
-                unfused = p50_ms(src, c.threads, c.sequence, c.runs)
-                fused_ms = p50_ms(out, c.threads, c.sequence, c.runs)
+                pair = [src, out] if c.compare_as == "float" else [_int8(src), _int8(out)]
+                unfused, fused_ms = p50_ms(pair, c.threads, c.sequence, c.runs)
                 keep = fused_ms < unfused
-                why = f"fused {fused_ms:.2f} ms vs unfused {unfused:.2f} ms (b1, seq {c.sequence}, {c.threads} threads)"
-                stats["timing_ms"] = {"unfused": round(unfused, 3), "fused": round(fused_ms, 3), "threads": c.threads, "sequence": c.sequence}
+                why = f"fused {fused_ms:.2f} ms vs unfused {unfused:.2f} ms ({c.compare_as}, b1, seq {c.sequence}, {c.threads} threads)"
+                stats["timing_ms"] = {
+                    "unfused": round(unfused, 3), "fused": round(fused_ms, 3), "as": c.compare_as,
+                    "threads": c.threads, "sequence": c.sequence, "runs": c.runs,
+                }
         stats["kept"] = keep
         stats["decision"] = f"{'kept' if keep else 'dropped'} the fused graph: {why}"
         stats["summary"] = f"{summary}; {stats['decision']}"

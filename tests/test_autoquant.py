@@ -64,7 +64,7 @@ def test_unreachable_budget_fails_with_the_table_of_what_was_tried(tmp_path):
     assert not result.passed and result.folder is None
     stats = _auto_stats(result.manifest)
     assert stats["passed"] is False and len(stats["kept_float"]) == 2
-    assert [s["kept_float"] for s in stats["steps"]] == [0, 2]  # bisection stops when the cap itself fails
+    assert [s["kept_float"] for s in stats["steps"]] == [0, 1, 2]  # galloping 1, 2: stops at the cap
     assert "budget not met" in stats["summary"]
     assert not (tmp_path / "out" / "digits-tight" / "cpu").exists()
 
