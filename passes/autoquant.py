@@ -6,6 +6,7 @@ import math
 import time
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
@@ -25,6 +26,7 @@ class AutoConfig(PassConfig):
     max_float: int | float = 0.5  # most nodes kept in float: a share of the quantized nodes (a float ≤ 1) or a count (an int)
     analyze: Literal["on_failure", "always"] = "on_failure"  # per-node sensitivity when the budget breaks, or always
     candidate_ops: list[str] = CANDIDATES
+    rank: Literal["gain", "gain_per_weight"] = "gain_per_weight"  # order in which nodes go back to float
     sensitivity_samples: int | None = 64  # eval samples per sensitivity run (ranking only); None: all
 
     @model_validator(mode="after")
@@ -100,6 +102,12 @@ def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: 
     _toposort(graph)
     _prune(graph)
     return out
+
+
+def _weight_elements(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    """Elements of the constant inputs (weights) of a node: what keeping it in float costs."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    return sum(sizes.get(i, 0) for i in node.input)
 
 
 def _toposort(graph: onnx.GraphProto) -> None:
@@ -178,8 +186,15 @@ class QuantizeAuto(EdgepipePass):
         base = score_with([], n) if n is not None else score
         for node in candidates:
             s = score_with([node.name], n)
-            ranking.append({"node": node.name, "op": node.op_type, "metric": round(s, 6), "gain": round(s - base, 6)})
-        ranking.sort(key=lambda r: -r["gain"])
+            weights = _weight_elements(fproto, node)
+            gain = round(s - base, 6)
+            ranking.append({"node": node.name, "op": node.op_type, "metric": round(s, 6), "gain": gain, "weights": weights})
+        if c.rank == "gain_per_weight":
+            # cheapest recovery first: a small table (position embeddings) kept float costs ~nothing in
+            # speed or size; a 1536x384 MatMul in float costs both
+            ranking.sort(key=lambda r: (r["gain"] <= 0, -r["gain"] / max(r["weights"], 1)))
+        else:
+            ranking.sort(key=lambda r: -r["gain"])
         stats["sensitivity"] = ranking
         order = [r["node"] for r in ranking]
         if steps[0]["passed"]:
