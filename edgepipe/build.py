@@ -103,8 +103,10 @@ def _data_sources(recipe: Recipe):
 
         encoder = text_encoder(hf_folder(recipe), recipe.data.max_length)
     d, base = recipe.data, recipe.base_dir
-    calibration = data_mod.calibration_source(d.calibration, base, encoder) if d.calibration else None
-    return calibration, (data_mod.eval_batches(d.eval, base, encoder) if d.eval else None)
+    only_input = recipe.inputs[0].name if recipe.inputs and len(recipe.inputs) == 1 else None
+    images = (d.images, only_input)
+    calibration = data_mod.calibration_source(d.calibration, base, encoder, images) if d.calibration else None
+    return calibration, (data_mod.eval_batches(d.eval, base, encoder, images) if d.eval else None)
 
 
 def _check_data_names(recipe: Recipe, batch: dict[str, np.ndarray] | None) -> None:

@@ -18,8 +18,13 @@ TEXT_BATCH = 32
 TEXT_SUFFIXES = (".txt", ".text")
 
 
-def calibration_source(ref: str, base: Path, encoder: Encoder | None = None) -> Callable[[], Iterator[Batch]]:
-    """A re-iterable calibration source (each call starts over)."""
+def calibration_source(ref: str, base: Path, encoder: Encoder | None = None, images: tuple | None = None) -> Callable[[], Iterator[Batch]]:
+    """A re-iterable calibration source (each call starts over); ``images``: (preprocess, input name)."""
+    if (base / ref).is_dir():
+        from edgepipe.images import image_batches
+
+        folder, spec, name = (base / ref).resolve(), *_image_spec(images, ref)
+        return lambda: (inputs for inputs, _ in image_batches(folder, spec, name))
     if ref.endswith(".npz"):
         path = (base / ref).resolve()
         return lambda: (inputs for inputs, _ in _npz_batches(path))
@@ -30,8 +35,12 @@ def calibration_source(ref: str, base: Path, encoder: Encoder | None = None) -> 
     return lambda: iter(_call(fn, ref))
 
 
-def eval_batches(ref: str, base: Path, encoder: Encoder | None = None) -> list[Labelled]:
-    """All evaluation batches, in memory: (inputs, labels or None)."""
+def eval_batches(ref: str, base: Path, encoder: Encoder | None = None, images: tuple | None = None) -> list[Labelled]:
+    """All evaluation batches, in memory: (inputs, labels or None; class sub-folders give labels)."""
+    if (base / ref).is_dir():
+        from edgepipe.images import image_batches
+
+        return list(image_batches((base / ref).resolve(), *_image_spec(images, ref)))
     if ref.endswith(".npz"):
         return list(_npz_batches((base / ref).resolve()))
     if ref.endswith(TEXT_SUFFIXES):
@@ -49,6 +58,15 @@ def eval_batches(ref: str, base: Path, encoder: Encoder | None = None) -> list[L
     if not out:
         raise BadInput(f"data.eval '{ref}' yielded no batches")
     return out
+
+
+def _image_spec(images: tuple | None, ref: str) -> tuple:
+    if images is None or images[0] is None:
+        raise BadInput(f"data '{ref}' is a folder of images: declare its preprocessing under data.images (size, mode, scale, mean, std, layout)")
+    spec, name = images
+    if not (spec.input or name):
+        raise BadInput("data.images.input: name the model input the images feed (the recipe declares no single input)")
+    return spec, spec.input or name
 
 
 def _call(fn: Callable[[], Iterable], ref: str) -> Iterable:

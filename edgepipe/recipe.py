@@ -63,10 +63,23 @@ class InputSpec(Strict):
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
 
+class ImagePreprocess(Strict):
+    """How a folder of images becomes model input: decode, convert, resize, x*scale, (x-mean)/std, layout."""
+
+    size: list[int] = Field(min_length=2, max_length=2)  # [height, width]
+    mode: Literal["L", "RGB"] = "RGB"
+    scale: float = 1 / 255
+    mean: list[float] = [0.0]
+    std: list[float] = [1.0]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    input: str | None = None  # model input name; default: the recipe's only input
+
+
 class DataSpec(Strict):
     calibration: str | None = None
     eval: str | None = None
     max_length: int | None = Field(default=None, ge=1)  # text data: tokens per example (truncation)
+    images: ImagePreprocess | None = None  # image folders: the preprocessing (needed when a path is a folder)
 
 
 class AccuracySpec(Strict):

@@ -27,7 +27,6 @@ accuracy: {metric: cosine, min_value: 0.97, output: sentence_embedding}
 targets:
   cpu:
     passes:
-      - {name: fuse.transformer, keep: never}
       - {name: quantize.dynamic, per_channel: true, reduce_range: false}
 """
 
@@ -75,16 +74,14 @@ def test_sentence_embedding_is_masked_mean_pooling_then_l2_norm(source, slice_re
 def test_fusion_counts_and_the_keep_decision_follow_the_measurement(source, tmp_path):
     model = load(source.onnx_path)
     ctx = PassContext(workdir=tmp_path)
-    auto = create({"name": "fuse.transformer", "runs": 5, "sequence": 32}, ctx)(model)
+    auto = create({"name": "fuse.transformer", "runs": 3, "sequence": 16}, ctx)(model)
     s = auto.stats
     assert s["expected"] == {"Attention": 6, "SkipLayerNormalization": 12, "Gelu": 6, "EmbedLayerNormalization": 1}
     assert s["achieved"] == s["expected"] and s["complete"]
     t = s["timing_ms"]
     assert s["kept"] == (t["fused"] < t["unfused"]) and ("kept" if s["kept"] else "dropped") in s["decision"]
     kept_ops = {n.op_type for n in auto.model.graph}
-    assert ("Attention" in kept_ops) == s["kept"]
-    always = create({"name": "fuse.transformer", "keep": "always"}, ctx)(model)
-    assert {"Attention", "SkipLayerNormalization"} <= {n.op_type for n in always.model.graph} and always.modified
+    assert ("Attention" in kept_ops) == s["kept"] == auto.modified
 
 
 def test_fusion_reports_what_is_missing_when_patterns_do_not_match(source, tmp_path):
