@@ -44,12 +44,12 @@ def build_optimum(work: Path) -> Path:
     return q / "model_quantized.onnx"
 
 
-def build_edgepipe(work: Path) -> tuple[Path, float]:
+def build_edgepipe(work: Path, recipe: Path) -> tuple[Path, float]:
     from edgepipe.build import build
     from edgepipe.recipe import load_recipe
 
     start = time.perf_counter()
-    results = build(load_recipe(RECIPE), work / "edgepipe", only=["cpu"], force=True, log=lambda _m: None)
+    results = build(load_recipe(recipe), work / "edgepipe", only=["cpu"], force=True, log=lambda _m: None)
     seconds = time.perf_counter() - start
     if not results[0].passed:
         raise SystemExit(f"edgepipe cpu build failed: {results[0].error}")
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="keep the built artifacts in this folder")
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="edgepipe recipe to build (default: models/minilm)")
     args = parser.parse_args()
     from edgepipe.data import read_lines
     from edgepipe.hf import text_encoder
@@ -128,7 +129,7 @@ def main() -> None:
     start = time.perf_counter()
     optimum = build_optimum(work)
     optimum_s = time.perf_counter() - start
-    edgepipe_path, edgepipe_s = build_edgepipe(work)
+    edgepipe_path, edgepipe_s = build_edgepipe(work, args.recipe)
     texts = read_lines(RECIPE.parent / "eval.txt")
     encode = text_encoder(model_folder(), SEQ)
     batches = [encode(texts[i : i + 32]) for i in range(0, len(texts), 32)]
