@@ -26,13 +26,14 @@ def _search_table(p: dict) -> str:
         for s in stats["steps"]
     )
     ranked = "".join(
-        f"<tr><td>{html.escape(r['node'])}</td><td>{r['op']}</td><td>{r['gain']:+.6f}</td></tr>" for r in stats.get("sensitivity", [])[:10]
+        f"<tr><td>{html.escape(r['node'])}</td><td>{r['op']}</td><td>{r['gain']:+.6f}</td><td>{r.get('weights', 0):,}</td></tr>"
+        for r in stats.get("sensitivity", [])[:10]
     )
     kept = ", ".join(html.escape(k) for k in stats.get("kept_float", [])) or "none"
     return (
         f"<p><b>{html.escape(p['name'])}</b>: {html.escape(stats.get('summary', ''))}<br>kept in float: {kept}</p>"
         f"<table><tr><th>nodes kept float</th><th>metric</th><th></th></tr>{steps}</table>"
-        + (f"<table><tr><th>most sensitive node</th><th>op</th><th>metric gain when float</th></tr>{ranked}</table>" if ranked else "")
+        + (f"<table><tr><th>most sensitive node</th><th>op</th><th>metric gain when float</th><th>weights</th></tr>{ranked}</table>" if ranked else "")
     )
 
 
