@@ -30,6 +30,7 @@ class FuseConfig(PassConfig):
     threads: int = 2
     sequence: int = 128  # timing shape for dynamic sequence dims
     runs: int = 20
+    min_gain: float = 0.05  # keep the fused graph only if at least this much faster (smaller gaps are timing noise)
     compare_as: Literal["float", "int8"] = "float"  # int8: time both graphs after dynamic int8 (for int8 targets)
 
 
@@ -173,8 +174,9 @@ class FuseTransformer(EdgepipePass):
             if sum(achieved.values()):
                 pair = [src, out] if c.compare_as == "float" else [_int8(src), _int8(out)]
                 unfused, fused_ms = p50_ms(pair, c.threads, c.sequence, c.runs)
-                keep = fused_ms < unfused
-                why = f"fused {fused_ms:.2f} ms vs unfused {unfused:.2f} ms ({c.compare_as}, b1, seq {c.sequence}, {c.threads} threads)"
+                keep = fused_ms < unfused * (1 - c.min_gain)
+                why = (f"fused {fused_ms:.2f} ms vs unfused {unfused:.2f} ms ({c.compare_as}, b1, seq {c.sequence}, "
+                       f"{c.threads} threads; kept only if ≥{c.min_gain:.0%} faster)")
                 stats["timing_ms"] = {
                     "unfused": round(unfused, 3), "fused": round(fused_ms, 3), "as": c.compare_as,
                     "threads": c.threads, "sequence": c.sequence, "runs": c.runs,
