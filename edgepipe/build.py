@@ -187,8 +187,8 @@ def _evaluator(target: Target, spec: AccuracySpec, metric: Metric, ev: Evaluatio
     sign = 1.0 if metric.higher_is_better else -1.0
     ref = reference_value(spec, metric, ev.reference, ev.labels)
 
-    def evaluate(model: ir.Model, samples: int | None = None) -> float:
-        """``samples``: only the first N eval samples (a quick, ranking-grade estimate)."""
+    def evaluate(model: ir.Model | onnx.ModelProto, samples: int | None = None) -> float:
+        """``samples``: only the first N eval samples (a quick, ranking-grade estimate); a proto skips IR conversion."""
         batches, n = [], 0
         for inputs, labels in ev.batches:
             if samples is not None and n >= samples:
@@ -198,7 +198,11 @@ def _evaluator(target: Target, spec: AccuracySpec, metric: Metric, ev: Evaluatio
         reference = {k: v[:n] for k, v in ev.reference.items()}
         labels = None if ev.labels is None else ev.labels[:n]
         work.mkdir(parents=True, exist_ok=True)
-        path = save(model, Path(tempfile.mkdtemp(prefix="eval-", dir=work)) / "model.onnx")
+        path = Path(tempfile.mkdtemp(prefix="eval-", dir=work)) / "model.onnx"
+        if isinstance(model, onnx.ModelProto):
+            path.write_bytes(model.SerializeToString())
+        else:
+            save(model, path)
         try:
             outputs = run_batches(Runner(path, providers=target.providers), batches)
         finally:

@@ -179,7 +179,7 @@ class QuantizeAuto(EdgepipePass):
         candidates = quantized_nodes(fproto, qproto, c.candidate_ops)
 
         def score_with(names: list[str], samples: int | None = None) -> float:
-            return evaluate(ir.from_proto(keep_float(qproto, fproto, names)), samples=samples)
+            return evaluate(keep_float(qproto, fproto, names), samples=samples)  # the build's evaluate takes a proto too
 
         ranking = []
         n = c.sensitivity_samples

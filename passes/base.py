@@ -28,7 +28,8 @@ class PassContext:
 
     workdir: Path
     calibration: Callable[[], Iterable[Batch]] | None = None
-    # metric of a candidate model on the eval data, higher is better; evaluate(model, samples=N) uses the first N only
+    # metric of a candidate model (ir.Model or onnx.ModelProto) on the eval data, higher is better;
+    # evaluate(model, samples=N) uses the first N samples only
     evaluate: Callable[..., float] | None = None
     accept: Callable[[float], bool] | None = None  # does an ``evaluate`` score meet the target's budget?
     target: str = "cpu"
