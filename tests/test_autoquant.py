@@ -53,6 +53,9 @@ def test_tight_budget_keeps_the_most_sensitive_nodes_in_float(tmp_path):
     assert [s["kept_float"] for s in stats["steps"]] == list(range(len(kept) + 1))
     assert [s["passed"] for s in stats["steps"]] == [False] * len(kept) + [True]
     assert stats["final_metric"] >= 0.99998 and manifest["accuracy"]["value"] >= 0.99998
+    report = (tmp_path / "out" / "digits-tight" / "report.html").read_text()
+    assert "kept in float: " + kept[0] in report and "most sensitive node" in report
+    assert manifest["latency"]["float_p50_ms"] > 0  # the speed check ran (int8 vs float on the same feed)
     # the kept nodes really are float in the artifact: float weights; the others read int8 weights
     model = onnx.load(str(tmp_path / "out" / "digits-tight" / "cpu" / "model.onnx"))
     float_weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}

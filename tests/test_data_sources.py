@@ -61,6 +61,30 @@ def test_image_folder_errors_are_one_line(digit_folder, tmp_path):
         eval_batches("bad", tmp_path, images=(SPEC, "image"))
 
 
+def test_scarce_calibration_and_missing_eval_warn_in_manifest_and_report(tmp_path):
+    from conftest import write_recipe
+
+    from edgepipe.build import build
+    from edgepipe.recipe import load_recipe
+    from edgepipe.report import write_report
+
+    images = (load_digits().images[:16] / 16).astype(np.float32)[:, None]
+    np.savez(tmp_path / "cal.npz", image=images)
+    recipe = write_recipe(tmp_path, """
+name: scarce
+model: {torch: model.py:build}
+inputs: [{name: image, shape: [batch, 1, 8, 8], dtype: float32}]
+data: {calibration: cal.npz}
+accuracy: {metric: top1, max_drop: 1.0}
+""")
+    results = build(load_recipe(recipe), tmp_path / "out", log=lambda _m: None)
+    warnings = results[0].manifest["warnings"]
+    assert any("only 16 calibration samples" in w for w in warnings)
+    assert any("measured on the calibration data" in w for w in warnings)
+    report = write_report(tmp_path / "out" / "scarce", "scarce", results).read_text()
+    assert "only 16 calibration samples" in report
+
+
 def test_text_file_lines_and_batches(tmp_path):
     (tmp_path / "t.txt").write_text("# source: test\nfirst line\n\n  second line  \n" + "x\n" * 40)
     assert read_lines(tmp_path / "t.txt")[:2] == ["first line", "second line"]
