@@ -35,9 +35,11 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 def cosine_per_sample(cand: np.ndarray, ref: np.ndarray) -> np.ndarray:
     c, r = _rows(cand), _rows(ref)
+    finite = np.isfinite(c).all(1)
+    c = np.where(finite[:, None], c, 0.0)
     den = np.linalg.norm(c, axis=1) * np.linalg.norm(r, axis=1)
     cos = np.where(den > 0, (c * r).sum(1) / np.maximum(den, 1e-30), 0.0)
-    return np.where(np.isfinite(cos), cos, -1.0)  # NaN never passes
+    return np.where(finite & np.isfinite(cos), cos, -1.0)  # NaN never passes
 
 
 def _cosine(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
@@ -54,9 +56,43 @@ def _max_abs(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> fl
     return float(np.nan_to_num(np.abs(cand.astype(np.float64) - ref), nan=np.inf).max())
 
 
+def _cosine_min(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
+    return float(cosine_per_sample(cand, ref).min())
+
+
+def _top5(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
+    """With labels: the label is in the candidate's top 5; without: the reference's top-1 is."""
+    target = labels if labels is not None else _rows(ref).argmax(1)
+    top = np.argsort(-_rows(cand), axis=1)[:, :5]
+    return float(np.mean([t in row for t, row in zip(target, top, strict=True)]))
+
+
+def neighbours(emb: np.ndarray, k: int) -> np.ndarray:
+    """Indices of each row's k nearest rows by cosine (itself excluded)."""
+    e = _rows(emb)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    sim = e @ e.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1)[:, :k]
+
+
+def _knn10(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
+    """Embeddings: mean share of each sample's 10 nearest neighbours (within the eval set) both agree on."""
+    if not np.all(np.isfinite(cand)):
+        return 0.0
+    k = min(10, len(ref) - 1)
+    if k < 1:
+        return 1.0
+    a, b = neighbours(cand, k), neighbours(ref, k)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)]))
+
+
 BUILTIN = {
     "top1": Metric("top1", _top1),
+    "top5": Metric("top5", _top5),
     "cosine": Metric("cosine", _cosine),
+    "cosine_min": Metric("cosine_min", _cosine_min),
+    "knn10": Metric("knn10", _knn10),
     "rel_l2": Metric("rel_l2", _rel_l2, higher_is_better=False),
     "max_abs": Metric("max_abs", _max_abs, higher_is_better=False),
 }
@@ -111,6 +147,18 @@ def measure(
     return AccuracyResult(metric.name, output, ref_value, float(value), float(drop), budget, passed, len(ref))
 
 
+def reference_value(spec: AccuracySpec, metric: Metric, reference: Outputs, labels: np.ndarray | None) -> float:
+    """The metric of the reference itself (1.0 for cosine; with labels, the reference's task score)."""
+    ref = reference[spec.output or next(iter(reference))]
+    return metric.fn(ref, ref, labels)
+
+
+def budget_met(spec: AccuracySpec, metric: Metric, ref: float, value: float) -> bool:
+    """Does ``value`` meet the budget, given the reference's own ``ref``?"""
+    drop = (ref - value) if metric.higher_is_better else (value - ref)
+    return _budget(spec, metric, ref, value, drop)[1]
+
+
 def _budget(spec: AccuracySpec, metric: Metric, ref: float, value: float, drop: float) -> tuple[dict, bool]:
     budget: dict[str, float] = {}
     passed = bool(np.isfinite(value))
@@ -128,17 +176,41 @@ def _budget(spec: AccuracySpec, metric: Metric, ref: float, value: float, drop: 
     return budget, bool(passed)
 
 
-def compare(cand: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict[str, float | bool]:
-    """Polygraphy-style: an element fails only when it breaks both atol and rtol; NaN fails."""
+STATS = ("elementwise", "max", "mean", "median", "quantile")
+
+
+def compare(cand: np.ndarray, ref: np.ndarray, atol: float, rtol: float, stat: str = "elementwise", quantile: float = 0.99) -> dict[str, float | bool]:
+    """Polygraphy-style: an element fails only when it breaks both atol and rtol; NaN never passes.
+
+    ``stat`` picks the error statistic checked against the tolerances: every element (``elementwise``),
+    or the max / mean / median / ``quantile`` of the absolute and relative errors.
+    """
+    if stat not in STATS:
+        raise BadInput(f"unknown error statistic '{stat}'; use one of {', '.join(STATS)}")
     c, r = cand.astype(np.float64), ref.astype(np.float64)
     if c.shape != r.shape:
         return {"passed": False, "max_abs": float("inf"), "max_rel": float("inf"), "shape_mismatch": True}
-    diff = np.abs(c - r)
+    diff = np.nan_to_num(np.abs(c - r), nan=np.inf)
+    diff = np.where(np.isfinite(c) | ~np.isfinite(r), diff, np.inf)  # NaN/Inf where the reference is finite
     rel = diff / np.maximum(np.abs(r), 1e-12)
-    bad = (diff > atol) & (rel > rtol)
-    bad |= ~np.isfinite(c) & np.isfinite(r)
+    if stat == "elementwise":
+        passed = not bool(((diff > atol) & (rel > rtol)).any())
+    else:
+        reduce = {"max": np.max, "mean": np.mean, "median": np.median, "quantile": lambda a: np.quantile(a, quantile)}[stat]
+        passed = bool(not (reduce(diff) > atol and reduce(rel) > rtol)) if diff.size else True
     return {
-        "passed": not bool(bad.any()),
-        "max_abs": float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)),
-        "max_rel": float(np.nan_to_num(rel, nan=np.inf).max(initial=0.0)),
+        "passed": passed,
+        "max_abs": float(diff.max(initial=0.0)),
+        "max_rel": float(rel.max(initial=0.0)),
     }
+
+
+def compare_outputs(
+    cand: Outputs, ref: Outputs, default: tuple[float, float], per_output: dict[str, tuple[float, float]] | None = None, stat: str = "elementwise"
+) -> dict[str, dict[str, float | bool]]:
+    """``compare`` on every output, with (atol, rtol) per output name overriding the default."""
+    per_output = per_output or {}
+    unknown = set(per_output) - set(ref)
+    if unknown:
+        raise BadInput(f"tolerances name outputs {sorted(unknown)} the model does not have; outputs: {sorted(ref)}")
+    return {name: compare(cand[name], ref[name], *per_output.get(name, default), stat=stat) for name in ref}

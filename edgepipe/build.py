@@ -19,9 +19,10 @@ import onnxruntime as ort
 
 import edgepipe
 from edgepipe import data as data_mod
-from edgepipe.accuracy import AccuracyResult, Metric, concat, measure, resolve_metric
+from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, measure, reference_value, resolve_metric
 from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
+from edgepipe.checks import data_warnings, speed_warning
 from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.executor import current_map, evaluate_batches
 from edgepipe.export import Source, load_source
@@ -52,6 +53,7 @@ class Evaluation:
     labels: np.ndarray | None
     reference: dict[str, np.ndarray]
     origin: str  # eval | calibration | synthetic
+    warnings: list[str] = dataclasses.field(default_factory=list)  # weak data: in every manifest and the report
 
 
 def select_targets(recipe: Recipe, only: list[str] | None) -> list[str]:
@@ -74,8 +76,7 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
     for t in targets:
         if (root / t).exists() and not force:
             raise BadInput(f"{root / t} already exists; pass --force to replace it or choose another -o folder")
-    calibration = data_mod.calibration_source(recipe.data.calibration, recipe.base_dir) if recipe.data.calibration else None
-    eval_data = data_mod.eval_batches(recipe.data.eval, recipe.base_dir) if recipe.data.eval else None
+    calibration, eval_data = _data_sources(recipe)
     first_cal = next(iter(calibration()), None) if calibration else None
     if calibration is not None and first_cal is None:
         raise BadInput(f"data.calibration '{recipe.data.calibration}' yielded no batches; give it at least one batch")
@@ -94,6 +95,7 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
         log(f"export  {recipe.model.kind} source → ONNX")
         source = load_source(recipe, work, first)
         evaluation = _evaluation(source, eval_data, calibration)
+        evaluation.warnings = data_warnings(evaluation.origin, calibration, quantized=True)
         for batch, _ in evaluation.batches[:1]:
             data_mod.check_batch(batch, source.inputs, "data")
         results = []
@@ -103,6 +105,20 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _data_sources(recipe: Recipe):
+    """(calibration source, eval batches); text files are tokenized with an hf model's own tokenizer."""
+    encoder = None
+    if recipe.model.kind == "hf":
+        from edgepipe.hf import hf_folder, text_encoder
+
+        encoder = text_encoder(hf_folder(recipe), recipe.data.max_length)
+    d, base = recipe.data, recipe.base_dir
+    only_input = recipe.inputs[0].name if recipe.inputs and len(recipe.inputs) == 1 else None
+    images = (d.images, only_input)
+    calibration = data_mod.calibration_source(d.calibration, base, encoder, images) if d.calibration else None
+    return calibration, (data_mod.eval_batches(d.eval, base, encoder, images) if d.eval else None)
 
 
 def check_writable(out: Path) -> None:
@@ -161,6 +177,8 @@ def _run_passes(chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model,
         stats = {"before": before, "after": model_stats(model), **getattr(result, "stats", {})}
         pass_log.append({"name": p.name, "params": p.config.model_dump(), "modified": result.modified, "stats": stats})
         log(f"  pass  {p.name:<18} nodes {before['nodes']}→{stats['after']['nodes']}  bytes {before['bytes']}→{stats['after']['bytes']}  ({time.perf_counter() - start:.1f}s)")
+        if stats.get("summary"):
+            log(f"        {stats['summary']}")
     return model, pass_log
 
 
@@ -186,10 +204,8 @@ def _build_target(
     for variant in target.variants(tctx):
         if variant.key != "main":
             log(f"  model {variant.key}")
-        evaluate = candidate_evaluator(spec_acc, metric, ev, work / target.name / variant.key / "candidates")
-        pctx = PassContext(
-            workdir=work / target.name / variant.key, calibration=calibration, evaluate=evaluate, target=target.name, map=current_map()
-        )
+        pctx = PassContext(workdir=work / target.name / variant.key, calibration=calibration, target=target.name, map=current_map())
+        pctx.evaluate, pctx.accept = _evaluator(target, spec_acc, metric, ev, work / target.name / variant.key / "candidates")
         model, pass_log = _run_passes(variant.passes, pctx, load(source.onnx_path), log)
         cap = None
         if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
@@ -203,23 +219,46 @@ def _build_target(
     return TargetResult(target.name, True, final, manifest)
 
 
-def candidate_evaluator(spec: AccuracySpec, metric: Metric, ev: Evaluation, folder: Path) -> Callable[[ir.Model], float]:
-    """For budgeted passes: a model's recipe metric on the eval batches on ORT CPU (higher is better)."""
+def _evaluator(target: Target, spec: AccuracySpec, metric: Metric, ev: Evaluation, work: Path):
+    """(evaluate, accept) for passes: a candidate's metric on the eval data (higher is better), and the budget."""
+    sign = 1.0 if metric.higher_is_better else -1.0
+    ref = reference_value(spec, metric, ev.reference, ev.labels)
 
-    def evaluate(model: ir.Model) -> float:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = save(model, folder / "candidate.onnx")
-        outputs = run_batches(Runner(path), ev.batches)
-        value = measure(spec, metric, outputs, ev.reference, ev.labels).value
-        return value if metric.higher_is_better else -value
+    def evaluate(model: ir.Model | onnx.ModelProto, samples: int | None = None) -> float:
+        """``samples``: only the first N eval samples (a quick, ranking-grade estimate); a proto skips IR conversion."""
+        batches, n = [], 0
+        for inputs, labels in ev.batches:
+            if samples is not None and n >= samples:
+                break
+            batches.append((inputs, labels))
+            n += len(next(iter(inputs.values())))
+        reference = {k: v[:n] for k, v in ev.reference.items()}
+        labels = None if ev.labels is None else ev.labels[:n]
+        work.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="eval-", dir=work)) / "model.onnx"
+        if isinstance(model, onnx.ModelProto):
+            path.write_bytes(model.SerializeToString())
+        else:
+            save(model, path)
+        try:
+            outputs = run_batches(Runner(path, providers=target.providers), batches)
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)
+        return sign * measure(spec, metric, outputs, reference, labels).value
 
-    return evaluate
+    def accept(score: float) -> bool:
+        return budget_met(spec, metric, ref, sign * score)
+
+    return evaluate, accept
 
 
 def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec_acc, metric, tmp: Path, log: Log) -> dict:
     """Emit each model into ``tmp``, check accuracy on the emitted file itself, write golden and manifest."""
     manifest: dict = {}
     entries = []
+    for rel, path in source.extra_files.items():  # e.g. tokenizer files: hashed in the manifest like the model
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, tmp / rel)
     for b in built:
         emitted = target.emit(b.model, tmp, tctx, b.key)
         runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
@@ -231,13 +270,24 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
         quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
         golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}
         feed1 = resize_batch(ev.batches[0][0], runner.fixed_batch() or 1)  # a fixed-shape model takes only its batch
-        entry = _manifest(recipe, target, source, emitted, runner, b.pass_log, acc, ev, golden, latency(runner, feed1), tmp)
+        lat = latency(runner, feed1)
+        entry = _manifest(recipe, target, source, emitted, runner, b.pass_log, acc, ev, golden, lat, tmp)
         if b.runtime_cap is not None:
             entry["runtime"]["requested"] = b.runtime_cap
+        entry["warnings"] = list(ev.warnings)
+        if any(p["name"].startswith("quantize") for p in b.pass_log):
+            # Speed check: int8 that is not faster than float on its runtime says so, with the likely cause.
+            float_ms = latency(Runner(source.onnx_path, providers=emitted.providers), feed1)["p50_ms"]
+            entry["latency"]["float_p50_ms"] = float_ms
+            slow = speed_warning(tmp / emitted.model_file, lat["p50_ms"], float_ms)
+            entry["warnings"] += [f"{name}: {slow}"] if slow else []
         entries.append((b.key, acc, entry))
     passed = all(acc.passed for _, acc, _ in entries)
     manifest = dict(entries[0][2])  # the primary model's fields stay at the top level
     manifest["status"] = "passed" if passed else "failed"
+    manifest["warnings"] = list(dict.fromkeys(w for _, _, e in entries for w in e["warnings"]))
+    for w in manifest["warnings"]:
+        log(f"  warn  {w}")
     if len(entries) > 1:
         manifest["models"] = [_model_entry(key, entry) for key, _, entry in entries]
     manifest = write_manifest(tmp, manifest)

@@ -1,4 +1,4 @@
-"""Calibration and evaluation data: Python loaders or .npz files, checked against the model."""
+"""Calibration and evaluation data: Python loaders, .npz files or text files, checked against the model."""
 
 from __future__ import annotations
 
@@ -12,22 +12,39 @@ from edgepipe.loader import load_callable
 
 Batch = dict[str, np.ndarray]
 Labelled = tuple[Batch, np.ndarray | None]
+Encoder = Callable[[list[str]], Batch]  # texts -> model inputs (an HF tokenizer)
 NPZ_BATCH = 32
+TEXT_BATCH = 32
+TEXT_SUFFIXES = (".txt", ".text")
 
 
-def calibration_source(ref: str, base: Path) -> Callable[[], Iterator[Batch]]:
-    """A re-iterable calibration source (each call starts over)."""
+def calibration_source(ref: str, base: Path, encoder: Encoder | None = None, images: tuple | None = None) -> Callable[[], Iterator[Batch]]:
+    """A re-iterable calibration source (each call starts over); ``images``: (preprocess, input name)."""
+    if (base / ref).is_dir():
+        from edgepipe.images import image_batches
+
+        folder, spec, name = (base / ref).resolve(), *_image_spec(images, ref)
+        return lambda: (inputs for inputs, _ in image_batches(folder, spec, name))
     if ref.endswith(".npz"):
         path = (base / ref).resolve()
         return lambda: (inputs for inputs, _ in _npz_batches(path))
+    if ref.endswith(TEXT_SUFFIXES):
+        batches = [inputs for inputs, _ in _text_batches((base / ref).resolve(), encoder)]
+        return lambda: iter(batches)
     fn = load_callable(ref, base)
     return lambda: iter(_call(fn, ref))
 
 
-def eval_batches(ref: str, base: Path) -> list[Labelled]:
-    """All evaluation batches, in memory: (inputs, labels or None)."""
+def eval_batches(ref: str, base: Path, encoder: Encoder | None = None, images: tuple | None = None) -> list[Labelled]:
+    """All evaluation batches, in memory: (inputs, labels or None; class sub-folders give labels)."""
+    if (base / ref).is_dir():
+        from edgepipe.images import image_batches
+
+        return list(image_batches((base / ref).resolve(), *_image_spec(images, ref)))
     if ref.endswith(".npz"):
         return list(_npz_batches((base / ref).resolve()))
+    if ref.endswith(TEXT_SUFFIXES):
+        return list(_text_batches((base / ref).resolve(), encoder))
     fn = load_callable(ref, base)
     out: list[Labelled] = []
     for item in _call(fn, ref):
@@ -41,6 +58,15 @@ def eval_batches(ref: str, base: Path) -> list[Labelled]:
     if not out:
         raise BadInput(f"data.eval '{ref}' yielded no batches")
     return out
+
+
+def _image_spec(images: tuple | None, ref: str) -> tuple:
+    if images is None or images[0] is None:
+        raise BadInput(f"data '{ref}' is a folder of images: declare its preprocessing under data.images (size, mode, scale, mean, std, layout)")
+    spec, name = images
+    if not (spec.input or name):
+        raise BadInput("data.images.input: name the model input the images feed (the recipe declares no single input)")
+    return spec, spec.input or name
 
 
 def _call(fn: Callable[[], Iterable], ref: str) -> Iterable:
@@ -76,6 +102,33 @@ def _npz_batches(path: Path) -> Iterator[Labelled]:
     n = counts.pop()
     for i in range(0, n, NPZ_BATCH):
         yield {k: a[i : i + NPZ_BATCH] for k, a in arrays.items()}, (None if labels is None else labels[i : i + NPZ_BATCH])
+
+
+def read_lines(path: Path) -> list[str]:
+    """One example per line; blank lines and lines starting with '#' (source notes) are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"text data file {path} not found (paths are relative to the recipe)") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not a UTF-8 text file") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _text_batches(path: Path, encoder: Encoder | None) -> Iterator[Labelled]:
+    if encoder is None:
+        raise BadInput(f"{path.name}: text data (one example per line) needs a model with a tokenizer (model.hf)")
+    lines = read_lines(path)
+    if not lines:
+        raise BadInput(f"{path}: holds no examples (one per line; '#' lines are comments)")
+    for i in range(0, len(lines), TEXT_BATCH):
+        yield encoder(lines[i : i + TEXT_BATCH]), None
+
+
+def count_samples(batches: Iterable[Batch]) -> int:
+    """Samples (first-axis length) over all batches."""
+    return sum(len(next(iter(b.values()))) for b in batches if b)
 
 
 def check_batch(batch: Batch, specs: dict[str, tuple[str, list[int | str]]], where: str) -> None:

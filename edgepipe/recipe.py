@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgepipe.errors import BadInput, one_line
 
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
-BUILTIN_METRICS = ("top1", "cosine", "rel_l2", "max_abs")
+BUILTIN_METRICS = ("top1", "top5", "cosine", "cosine_min", "knn10", "rel_l2", "max_abs")
 
 
 class Strict(BaseModel):
@@ -63,9 +63,23 @@ class InputSpec(Strict):
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
 
+class ImagePreprocess(Strict):
+    """How a folder of images becomes model input: decode, convert, resize, x*scale, (x-mean)/std, layout."""
+
+    size: list[int] = Field(min_length=2, max_length=2)  # [height, width]
+    mode: Literal["L", "RGB"] = "RGB"
+    scale: float = 1 / 255
+    mean: list[float] = [0.0]
+    std: list[float] = [1.0]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    input: str | None = None  # model input name; default: the recipe's only input
+
+
 class DataSpec(Strict):
     calibration: str | None = None
     eval: str | None = None
+    max_length: int | None = Field(default=None, ge=1)  # text data: tokens per example (truncation)
+    images: ImagePreprocess | None = None  # image folders: the preprocessing (needed when a path is a folder)
 
 
 class AccuracySpec(Strict):
@@ -150,8 +164,27 @@ class Recipe(Strict):
         return self
 
     def path(self, text: str) -> Path:
-        """A path from the recipe, resolved relative to the recipe file."""
+        """A path from the recipe, relative to the recipe file; ``pkg://package/sub/dir`` is inside an installed package."""
+        if text.startswith(PKG_SCHEME):
+            return package_path(text)
         return (self.base_dir / text).resolve()
+
+
+PKG_SCHEME = "pkg://"
+
+
+def package_path(text: str) -> Path:
+    """``pkg://package/sub/path`` → that path inside the installed package (e.g. bundled model weights)."""
+    import importlib.util
+
+    package, _, rest = text.removeprefix(PKG_SCHEME).partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(f"recipe: {text}: no installed Python package '{package}'; pip install it (pkg:// names a package)")
+    return (Path(next(iter(spec.submodule_search_locations))) / rest).resolve()
 
 
 def _unwrap(annotation: Any) -> type[BaseModel] | None:
@@ -231,7 +264,7 @@ def _check_files(recipe: Recipe) -> None:
     src = recipe.model
     if src.onnx and not recipe.path(src.onnx).is_file():
         raise BadInput(f"recipe: model.onnx file {recipe.path(src.onnx)} not found")
-    if src.hf and not recipe.path(src.hf).is_dir():
+    if src.hf and not recipe.path(src.hf).is_dir():  # pkg:// names a folder inside an installed package
         raise BadInput(f"recipe: model.hf folder {recipe.path(src.hf)} not found")
     refs = {
         "model.torch": src.torch,

@@ -125,6 +125,27 @@ def _fmt_stats(stats: dict) -> str:
     return core + more
 
 
+def _search_table(p: dict) -> str:
+    """quantize.auto: the steps tried and the most sensitive nodes (what was kept in float and why)."""
+    stats = p.get("stats", {})
+    if "steps" not in stats:
+        return ""
+    steps = "".join(
+        f"<tr><td>{s['kept_float']}</td><td>{s['metric']:.6f}</td><td>{'meets' if s['passed'] else 'breaks'} budget</td></tr>"
+        for s in stats["steps"]
+    )
+    ranked = "".join(
+        f"<tr><td>{_e(r['node'])}</td><td>{_e(r['op'])}</td><td>{r['gain']:+.6f}</td><td>{r.get('weights', 0):,}</td></tr>"
+        for r in stats.get("sensitivity", [])[:10]
+    )
+    kept = ", ".join(_e(k) for k in stats.get("kept_float", [])) or "none"
+    return (
+        f"<p><b>{_e(p['name'])}</b>: {_e(stats.get('summary', ''))}<br>kept in float: {kept}</p>"
+        f"<table><tr><th>nodes kept float</th><th>metric</th><th></th></tr>{steps}</table>"
+        + (f"<table><tr><th>most sensitive node</th><th>op</th><th>metric gain when float</th><th>weights</th></tr>{ranked}</table>" if ranked else "")
+    )
+
+
 def _target_section(r: TargetResult) -> str:
     m = r.manifest
     rows = "".join(
@@ -133,7 +154,8 @@ def _target_section(r: TargetResult) -> str:
         for p in m.get("passes", [])
     )
     warnings = "".join(f"<div class='warn'>{_e(w)}</div>" for w in m.get("warnings", []))
-    sens = m.get("sensitivity") or []
+    searches = "".join(_search_table(p) for p in m.get("passes", []))
+    sens = m.get("sensitivity") or next((p["stats"]["sensitivity"] for p in m.get("passes", []) if p.get("stats", {}).get("sensitivity")), [])
     sens_plot = ""
     if sens:
         top = sorted(sens, key=lambda s: -abs(s.get("gain", s.get("delta", 0))))[:15]
@@ -142,7 +164,7 @@ def _target_section(r: TargetResult) -> str:
     known = {"passes", "warnings", "sensitivity", "files", "digest", "content_sha256", "schema_version"}
     rest = {k: v for k, v in m.items() if k not in known}
     return (f"<h2>{_e(r.target)}: {_e(m.get('description', ''))}</h2>{warnings}"
-            f"<table><tr><th>pass</th><th>params</th><th>what it did</th></tr>{rows}</table>{sens_plot}"
+            f"<table><tr><th>pass</th><th>params</th><th>what it did</th></tr>{rows}</table>{searches}{sens_plot}"
             f"<details><summary>manifest</summary><pre>{_e(json.dumps(rest, indent=2, default=str)[:20000])}</pre></details>")
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from edgepipe.passes.autoquant import QuantizeAuto
 from edgepipe.passes.base import EdgepipePass, PassContext, StatsResult, model_stats
 from edgepipe.passes.cleanup import Cleanup
 from edgepipe.passes.fp16 import Fp16
+from edgepipe.passes.fuse import FuseTransformer
 from edgepipe.passes.int4 import QuantizeInt4
 from edgepipe.passes.optimize import OrtOptimize
 from edgepipe.passes.prune import PruneMagnitude
@@ -15,15 +17,20 @@ from edgepipe.passes.prune_structured import PruneStructured
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 from edgepipe.passes.shapes import FixShapes
 from edgepipe.passes.share import ShareCluster, ShareDedupe
+from edgepipe.passes.smooth import SmoothQuant
 from edgepipe.passes.tensorrt import QuantizeTensorRt
 from pydantic import ValidationError
 
 from edgepipe.errors import BadInput, one_line
 
 PASSES: dict[str, type[EdgepipePass]] = {
-    cls.name: cls for cls in (Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic, Fp16, FixShapes, QuantizeTensorRt)
+    cls.name: cls
+    for cls in (
+        Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic, Fp16, FixShapes, QuantizeTensorRt,
+        FuseTransformer, QuantizeAuto, SmoothQuant,
+        ShareDedupe, ShareCluster, PruneMagnitude, PruneStructured, QuantizeInt4,
+    )
 }
-PASSES.update({cls.name: cls for cls in (ShareDedupe, ShareCluster, PruneMagnitude, PruneStructured, QuantizeInt4)})
 
 __all__ = ["PASSES", "EdgepipePass", "PassContext", "StatsResult", "create", "model_stats", "validate_spec"]
 

@@ -31,7 +31,10 @@ class PassContext:
 
     workdir: Path
     calibration: Callable[[], Iterable[Batch]] | None = None
-    evaluate: Callable[[ir.Model], float] | None = None  # metric of a candidate model (higher is better)
+    # metric of a candidate model (ir.Model or onnx.ModelProto) on the eval data, higher is better;
+    # evaluate(model, samples=N) uses the first N samples only
+    evaluate: Callable[..., float] | None = None
+    accept: Callable[[float], bool] | None = None  # does an ``evaluate`` score meet the target's budget?
     target: str = "cpu"
     map: Mapper = local_map  # map(fn, items) -> list: fans out over the build's executor (docs/executor.md)
 

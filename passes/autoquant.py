@@ -1,0 +1,249 @@
+"""quantize.auto: int8 that meets the accuracy budget by keeping the most sensitive nodes in float."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
+from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
+from pydantic import model_validator
+
+METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic}
+# ops worth keeping in float: the ones with weights and int8 kernels (not Relu/MaxPool/Reshape around them)
+CANDIDATES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Attention", "EmbedLayerNormalization", "Gather", "LSTM", "GRU"]
+DEAD = "__edgepipe_quantized"
+
+
+class AutoConfig(PassConfig):
+    method: Literal["dynamic", "static"] = "dynamic"
+    options: dict[str, Any] = {}  # options of quantize.<method>
+    search: Literal["bisect", "stepwise"] = "bisect"  # bisect: 1, 2, 4 ... nodes, then bisection; stepwise: 1, 2, 3 ...
+    max_float: int | float = 0.5  # most nodes kept in float: a share of the quantized nodes (a float ≤ 1) or a count (an int)
+    analyze: Literal["on_failure", "always"] = "on_failure"  # per-node sensitivity when the budget breaks, or always
+    candidate_ops: list[str] = CANDIDATES
+    rank: Literal["gain", "gain_per_weight"] = "gain_per_weight"  # order in which nodes go back to float
+    sensitivity_samples: int | None = 64  # eval samples per sensitivity run (ranking only); None: all
+
+    @model_validator(mode="after")
+    def _options(self) -> AutoConfig:
+        METHODS[self.method].Config(**self.options)  # unknown options fail when the recipe loads
+        return self
+
+
+def quantized_nodes(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ops: list[str] | None = None) -> list[onnx.NodeProto]:
+    """Float nodes (of ``ops``) whose output the quantized graph computes differently (another op, other inputs)."""
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    changed = []
+    for node in float_model.graph.node:
+        q = producer.get(node.output[0]) if node.output else None
+        if q is not None and (ops is None or node.op_type in ops):
+            if q.op_type != node.op_type or list(q.input) != list(node.input):
+                changed.append(node)
+    return changed
+
+
+def restore_group(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """The named nodes plus the float producers of inputs the quantized graph no longer has.
+
+    (QDQ quantization folds a Conv's Relu into the Conv: restoring the Relu needs the float Conv too.)
+    """
+    defined = _defined(quantized.graph) | {i.name for i in float_model.graph.initializer}
+    producer = {o: n for n in float_model.graph.node for o in n.output}
+    group, todo = list(dict.fromkeys(names)), list(names)
+    made = {o for n in float_model.graph.node if n.name in group for o in n.output}
+    by_name = {n.name: n for n in float_model.graph.node}
+    while todo:
+        for inp in by_name[todo.pop()].input:
+            if inp and inp not in defined and inp not in made and inp in producer:
+                group.append(producer[inp].name)
+                todo.append(producer[inp].name)
+                made |= set(producer[inp].output)
+    return group
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    return {i.name for i in graph.initializer} | {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+
+
+def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The quantized model with the named nodes (and what they need, see ``restore_group``) back in float.
+
+    The quantized subgraph of each node stops feeding anything (its outputs are renamed) and is pruned;
+    shared pieces (a DynamicQuantizeLinear read by Q, K and V) stay while another node still reads them.
+    """
+    group = restore_group(quantized, float_model, names)
+    out = onnx.ModelProto()
+    out.CopyFrom(quantized)
+    graph = out.graph
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    defined = _defined(graph)
+    order = {n.name: i for i, n in enumerate(float_model.graph.node)}
+    restored = sorted((n for n in float_model.graph.node if n.name in set(group)), key=lambda n: order[n.name])
+    wanted = {o for n in restored for o in n.output}
+    for q in graph.node:
+        hit = [j for j, o in enumerate(q.output) if o in wanted]
+        for j in hit:
+            q.output[j] = q.output[j] + DEAD
+        if hit:
+            q.name = q.name + DEAD
+    for node in restored:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        graph.node.append(copy)
+        for inp in node.input:
+            if inp and inp not in defined and inp in float_inits:
+                graph.initializer.append(float_inits[inp])
+                defined.add(inp)
+    _toposort(graph)
+    _prune(graph)
+    return out
+
+
+def _weight_elements(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    """Elements of the constant inputs (weights) of a node: what keeping it in float costs."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    return sum(sizes.get(i, 0) for i in node.input)
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Stable topological order (restored nodes were appended at the end)."""
+    ready = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"cannot order the graph: node '{rest[0].name}' reads an undefined value")
+        pending = rest
+    copies = [onnx.NodeProto() for _ in ordered]
+    for c, n in zip(copies, ordered, strict=True):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes nothing reads (repeatedly), then unused initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = outputs | {i for n in graph.node for i in n.input}
+        dead = [i for i, n in enumerate(graph.node) if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for i in reversed(dead):
+            del graph.node[i]
+    used = {i for n in graph.node for i in n.input} | outputs
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+class QuantizeAuto(EdgepipePass):
+    """Quantizes, then, if the target's budget breaks, ranks nodes by sensitivity and keeps the fewest in float."""
+
+    name = "quantize.auto"
+    Config = AutoConfig
+
+    def call(self, model: ir.Model) -> StatsResult:
+        c, ctx = self.config, self.context
+        inner_cls = METHODS[c.method]
+        if c.method == "static":
+            # Keep Relu/Clip as nodes: folded away, their output names would carry pre-activation values and a
+            # node restored to float would read the wrong tensor.
+            extra = {"QDQKeepRemovableActivations": True, **c.options.get("extra_options", {})}
+            c = c.model_copy(update={"options": {**c.options, "extra_options": extra}})
+        first = inner_cls(inner_cls.Config(**c.options), ctx)(model)
+        if ctx.evaluate is None or ctx.accept is None:
+            stats = {**first.stats, "search": "skipped: no evaluation data or budget in this build"}
+            return StatsResult(first.model, first.modified, stats)
+        start = time.perf_counter()
+        evaluate, accept = ctx.evaluate, ctx.accept
+        score = evaluate(first.model)
+        steps = [{"kept_float": 0, "nodes": [], "metric": round(score, 6), "passed": accept(score)}]
+        stats: dict[str, Any] = {**first.stats, "method": c.method, "initial_metric": round(score, 6), "steps": steps}
+        if steps[0]["passed"] and c.analyze == "on_failure":
+            stats.update(kept_float=[], final_metric=round(score, 6), passed=True, summary=f"int8 meets the budget ({score:.4f}); nothing kept in float")
+            return StatsResult(first.model, first.modified, stats)
+
+        fproto, qproto = ir.to_proto(model), ir.to_proto(first.model)
+        candidates = quantized_nodes(fproto, qproto, c.candidate_ops)
+
+        def score_with(names: list[str], samples: int | None = None) -> float:
+            return evaluate(keep_float(qproto, fproto, names), samples=samples)  # the build's evaluate takes a proto too
+
+        ranking = []
+        n = c.sensitivity_samples
+        base = score_with([], n) if n is not None else score
+        for node in candidates:
+            s = score_with([node.name], n)
+            weights = _weight_elements(fproto, node)
+            gain = round(s - base, 6)
+            ranking.append({"node": node.name, "op": node.op_type, "metric": round(s, 6), "gain": gain, "weights": weights})
+        if c.rank == "gain_per_weight":
+            # cheapest recovery first: a small table (position embeddings) kept float costs ~nothing in
+            # speed or size; a 1536x384 MatMul in float costs both
+            ranking.sort(key=lambda r: (r["gain"] <= 0, -r["gain"] / max(r["weights"], 1)))
+        else:
+            ranking.sort(key=lambda r: -r["gain"])
+        stats["sensitivity"] = ranking
+        order = [r["node"] for r in ranking]
+        if steps[0]["passed"]:
+            stats.update(kept_float=[], final_metric=round(score, 6), passed=True, search_seconds=round(time.perf_counter() - start, 2))
+            stats["summary"] = f"int8 meets the budget ({score:.4f}); sensitivity of {len(order)} nodes measured"
+            return StatsResult(first.model, first.modified, stats)
+
+        share = isinstance(c.max_float, float)
+        limit = min(len(order), math.ceil(c.max_float * len(order)) if share else c.max_float)
+
+        def step(k: int) -> bool:
+            s = score_with(order[:k])
+            steps.append({"kept_float": k, "nodes": order[:k], "metric": round(s, 6), "passed": accept(s)})
+            return steps[-1]["passed"]
+
+        best = self._search(step, limit, c.search)
+        stats["search_seconds"] = round(time.perf_counter() - start, 2)
+        kept = order[: (limit if best is None else best)]
+        exclude = restore_group(qproto, fproto, kept)
+        options = {**c.options, "nodes_to_exclude": list(c.options.get("nodes_to_exclude", [])) + exclude}
+        final = inner_cls(inner_cls.Config(**options), ctx)(model)
+        final_score = evaluate(final.model)
+        passed = accept(final_score)
+        stats.update(kept_float=kept, final_metric=round(final_score, 6), passed=passed)
+        tried = f"({len(steps) - 1} search steps, {len(order)} sensitivity runs)"
+        if passed:
+            stats["summary"] = f"int8 {score:.4f} broke the budget; kept {len(kept)} of {len(order)} nodes in float → {final_score:.4f} {tried}"
+        else:
+            stats["summary"] = (
+                f"budget not met: int8 {score:.4f}, and {final_score:.4f} with the {len(kept)} most sensitive of "
+                f"{len(order)} nodes in float (max_float {c.max_float}) {tried}"
+            )
+        return StatsResult(final.model, True, stats)
+
+    @staticmethod
+    def _search(step, limit: int, how: str) -> int | None:
+        """Fewest nodes (in sensitivity order) that meet the budget, or None within ``limit``."""
+        if limit <= 0:
+            return None
+        if how == "stepwise":
+            return next((k for k in range(1, limit + 1) if step(k)), None)
+        # galloping: 1, 2, 4 ... nodes (few are usually enough), then bisect between the last miss and the hit
+        lo, k = 0, 1
+        while not step(min(k, limit)):
+            if k >= limit:
+                return None
+            lo, k = min(k, limit), k * 2
+        hi = min(k, limit)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if step(mid) else (mid, hi)
+        return hi

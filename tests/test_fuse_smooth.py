@@ -1,0 +1,91 @@
+"""fuse.transformer's helpers and smoothquant, on tiny graphs built inline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from edgepipe.passes import PassContext, create
+from edgepipe.passes.fuse import expected_fusions, shape_inference_failure
+
+from edgepipe.errors import BadInput
+
+RNG = np.random.default_rng(0)
+
+
+def _ffn_out(scale_value: float = 0.5) -> onnx.ModelProto:
+    """GELU's tail (``h * 0.5``) feeding a MatMul with a constant weight, like BERT's FFN output."""
+    model = onnx.parser.parse_model(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8] x) => (float[N, 4] y) <float half = {{{scale_value}}}> {{
+        h = Mul (x, half)
+        y = MatMul (h, w)
+    }}""")
+    w = RNG.standard_normal((8, 4)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    for i, n in enumerate(model.graph.node):
+        n.name = f"n{i}"
+    return model
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_smoothquant_moves_outlier_channels_into_the_weights_exactly(tmp_path):
+    x = RNG.standard_normal((64, 8)).astype(np.float32)
+    x[:, 3] *= 50  # an outlier channel
+    model = _ffn_out()
+    ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x[:32]}, {"x": x[32:]}]))
+    result = create({"name": "smoothquant", "alpha": 0.5}, ctx)(ir.from_proto(model))
+    out = ir.to_proto(result.model)
+    assert result.modified and result.stats["smoothed"] == 1 and result.stats["nodes"] == ["n1"]
+    assert [n.op_type for n in out.graph.node] == ["Mul", "MatMul"]  # folded: no node added
+    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-3)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    act = inits[out.graph.node[0].input[1]] * np.abs(x).max(0)  # what MatMul now sees, per channel
+    assert act.max() / np.median(act) < np.abs(x).max(0).max() / np.median(np.abs(x).max(0))
+    assert inits["half"].shape == ()  # the shared scalar is left alone
+
+
+def test_smoothquant_skips_flat_inputs_and_needs_calibration(tmp_path):
+    x = RNG.standard_normal((16, 8)).astype(np.float32)
+    ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
+    result = create({"name": "smoothquant", "min_ratio": 1000.0}, ctx)(ir.from_proto(_ffn_out()))
+    assert not result.modified and result.stats["smoothed"] == 0
+    with pytest.raises(BadInput, match="calibration"):
+        create({"name": "smoothquant"}, PassContext(workdir=tmp_path))(ir.from_proto(_ffn_out()))
+
+
+def test_shape_inference_failure_names_the_node():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float x, int64[2] s) => (float y) {
+        y = Expand (x, s)
+    }""")
+    model.graph.node[0].name = "/encoder/mask/Expand"
+    failure = shape_inference_failure(model)
+    assert failure.startswith("node '/encoder/mask/Expand' (Expand)")
+    assert shape_inference_failure(_ffn_out()) is None
+
+
+def test_expected_fusions_follow_the_graph():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 4] x) => (float[2, 4] y) {
+        a = Softmax (x)
+        b = Erf (a)
+        y = Softmax (b)
+    }""")
+    assert expected_fusions(model) == {"Attention": 2, "SkipLayerNormalization": 4, "Gelu": 1}
+
+
+def test_unknown_fuse_option_is_rejected(tmp_path):
+    with pytest.raises(BadInput, match="'auto', 'always' or 'never'"):
+        create({"name": "fuse.transformer", "keep": "maybe"}, PassContext(workdir=Path(tmp_path)))
+    with pytest.raises(BadInput, match="unknown option 'bogus'"):
+        create({"name": "fuse.transformer", "bogus": 1}, PassContext(workdir=Path(tmp_path)))
