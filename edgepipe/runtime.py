@@ -33,6 +33,19 @@ def ort_reason(exc: BaseException) -> str:
     return f"{advice.split(' (')[0]}: {text[:300]}" if advice else text[:400]
 
 
+def _pad_tokens(arr: np.ndarray, shape: list) -> np.ndarray:
+    """Zero-pad integer inputs (token ids, attention masks) up to a fixed sequence length.
+
+    A fixed-shape (mobile) transformer takes e.g. [1, 128]; text batches are padded only to their
+    longest sentence. Zero ids with a zero attention mask are the tokenizer's own padding, so the
+    embedding is unchanged. Float inputs are never padded.
+    """
+    if not np.issubdtype(arr.dtype, np.integer) or not shape or len(shape) != arr.ndim:
+        return arr
+    pads = [(0, 0)] + [(0, want - got) if isinstance(want, int) and got < want else (0, 0) for got, want in zip(arr.shape[1:], shape[1:], strict=True)]
+    return np.pad(arr, pads) if any(p[1] for p in pads) else arr
+
+
 class Runner:
     """ONNX Runtime session for a model file; checks feeds and records providers."""
 
@@ -71,7 +84,7 @@ class Runner:
         cast = {}
         for name, meta in self.inputs.items():
             want = ORT_DTYPES.get(meta.type)
-            arr = np.asarray(feed[name])
+            arr = _pad_tokens(np.asarray(feed[name]), meta.shape)
             cast[name] = arr.astype(want) if want is not None and arr.dtype != want else arr
         outputs = self.session.run(self.output_names, cast)
         return dict(zip(self.output_names, outputs, strict=True))
