@@ -79,8 +79,16 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=root))
     try:
+        distilled = None
+        if recipe.distill:
+            from edgepipe.distill_stage import run_distill
+
+            log(f"distill {recipe.model.kind} teacher → student")
+            distilled = run_distill(recipe, calibration, eval_data, work, log)
         log(f"export  {recipe.model.kind} source → ONNX")
-        source = load_source(recipe, work, first)
+        source = load_source(distilled.recipe if distilled else recipe, work, first, distilled.module if distilled else None)
+        if distilled:
+            source.distill = distilled.record
         evaluation = _evaluation(source, eval_data, calibration)
         for batch, _ in evaluation.batches[:1]:
             data_mod.check_batch(batch, source.inputs, "data")
@@ -237,6 +245,7 @@ def _manifest(recipe, target, source, emitted: Emitted, runner: Runner, pass_log
         "passes": pass_log,
         "accuracy": {**acc.as_dict(), "data": ev.origin},
         "golden": golden,
+        **({"distill": source.distill} if source.distill else {}),
         "latency": lat,
         "versions": _versions(),
         **emitted.extras,
