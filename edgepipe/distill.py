@@ -119,13 +119,18 @@ def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def pick_layers(total: int, keep: int | list[int]) -> list[int]:
-    """Teacher layer indices to keep: a list as given, or ``keep`` evenly spaced (every other for half)."""
+    """Teacher layer indices to keep: a list as given, or ``keep`` evenly spaced from the first to the last.
+
+    Keeping the last layer starts the student in the teacher's output space (MiniLM 6 → 3: [0, 3, 5]
+    starts at cosine 0.65 to the teacher, every other [0, 2, 4] at 0.36); 12 → 6 gives DistilBERT's
+    [0, 2, 4, 7, 9, 11].
+    """
     if isinstance(keep, list):
         index = keep
-    elif total % keep == 0:
-        index = list(range(0, total, total // keep))
+    elif keep == 1:
+        index = [total - 1]
     else:
-        index = sorted({round(x) for x in np.linspace(0, total - 1, keep)})
+        index = sorted({int(np.floor(x + 0.5)) for x in np.linspace(0, total - 1, keep)})
     if not index or any(i < 0 or i >= total for i in index) or len(set(index)) != len(index):
         raise BadInput(f"distill.shrink.layers: {keep} does not name distinct layers of the teacher's {total} (0..{total - 1})")
     return index
@@ -217,11 +222,28 @@ def _trim(batch: Batch) -> Batch:
     return {k: (v[:, :length] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
 
 
-def _batches(samples: dict[str, np.ndarray], size: int, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, Batch]]:
+def _batches(samples: dict[str, np.ndarray], size: int, order: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, Batch]]:
     n = len(next(iter(samples.values())))
-    index = order if order is not None else torch.arange(n)
-    for idx in index.split(size):
+    for idx in order if order is not None else torch.arange(n).split(size):
         yield idx, _trim({k: torch.from_numpy(np.ascontiguousarray(v[idx.numpy()])) for k, v in samples.items()})
+
+
+def epoch_order(samples: dict[str, np.ndarray], size: int, gen: torch.Generator, bucket: int = 16) -> list[torch.Tensor]:
+    """A seeded shuffle into batches; with an attention_mask, similar lengths share a batch (less padding).
+
+    Each run of ``bucket`` shuffled batches is sorted by length before it is cut, then the batch
+    order is shuffled again, so batches stay random but are trimmed to short lengths.
+    """
+    n = len(next(iter(samples.values())))
+    perm = torch.randperm(n, generator=gen)
+    mask = samples.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return list(perm.split(size))
+    lengths = torch.from_numpy(mask.sum(1))
+    batches = []
+    for chunk in perm.split(size * bucket):
+        batches.extend(chunk[torch.argsort(lengths[chunk], stable=True)].split(size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 def outputs(module: nn.Module, samples: dict[str, np.ndarray], forward: Forward, batch_size: int = 256) -> torch.Tensor:
@@ -264,7 +286,7 @@ def train(
         for epoch in range(cfg.epochs):
             student.train()
             total, start = 0.0, time.perf_counter()
-            for idx, batch in _batches(samples, cfg.batch_size, torch.randperm(n, generator=gen)):
+            for idx, batch in _batches(samples, cfg.batch_size, epoch_order(samples, cfg.batch_size, gen)):
                 loss = distill_loss(cfg.loss, forward(student, batch), targets[idx], cfg.temperature)
                 opt.zero_grad()
                 loss.backward()

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepipe import distill as D
 from edgepipe import data as data_mod
+from edgepipe import distill as D
 from edgepipe.errors import BadInput, CheckFailed
 from edgepipe.loader import load_callable
 from edgepipe.recipe import DistillSpec, Recipe
@@ -134,9 +134,9 @@ def _torch(recipe: Recipe, spec: DistillSpec, samples: dict, eval_samples: dict,
 
 
 def _train_and_measure(teacher, student, samples, forward, cfg: D.TrainConfig, eval_samples, labels, log: Log) -> dict:
-    before = D.compare_outputs(D.outputs(student, eval_samples, forward).numpy(), D.outputs(teacher, eval_samples, forward).numpy(), labels, cfg.loss)
-    history = D.train(teacher, student, samples, forward, cfg, log)
     t_out = D.outputs(teacher, eval_samples, forward).numpy()
+    before = D.compare_outputs(D.outputs(student, eval_samples, forward).numpy(), t_out, labels, cfg.loss)
+    history = D.train(teacher, student, samples, forward, cfg, log)
     s_out = D.outputs(student, eval_samples, forward).numpy()
     t_params, s_params = D.param_count(teacher), D.param_count(student)
     return {
