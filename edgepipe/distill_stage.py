@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import shutil
 import time
@@ -57,7 +58,7 @@ def run_distill(recipe: Recipe, calibration: Callable[[], Iterator[dict]] | None
         result = _torch(recipe, spec, samples, eval_samples, labels, log)
     elif recipe.model.kind == "hf":
         folder, record = distill_hf_folder(
-            recipe.path(recipe.model.hf or ""), workdir / "student", samples, train_config(spec), _hf_student(recipe, spec),
+            hf_folder(recipe.model.hf or "", recipe.base_dir), workdir / "student", samples, train_config(spec), _hf_student(recipe, spec),
             eval_samples, labels, recipe.model.task, log, recipe.base_dir,
         )
         model = recipe.model.model_copy(update={"hf": str(folder)})
@@ -158,6 +159,17 @@ def _hf_student(recipe: Recipe, spec: DistillSpec) -> int | list[int] | str:
     if not spec.shrink or spec.shrink.layers is None:
         raise BadInput("distill for an hf model shrinks by layers: use distill.shrink: {layers: 3} or distill.student")
     return spec.shrink.layers
+
+
+def hf_folder(ref: str, base: Path) -> Path:
+    """A local HF folder: relative to the recipe, or ``pkg://package/sub/folder`` inside an installed package."""
+    if not ref.startswith("pkg://"):
+        return (base / ref).resolve()
+    package, _, sub = ref.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(f"model.hf {ref}: package '{package}' is not installed; pip install it or give a folder")
+    return Path(next(iter(spec.submodule_search_locations))) / sub
 
 
 def hf_forward(task: str | None) -> Callable[[nn.Module, D.Batch], torch.Tensor]:
