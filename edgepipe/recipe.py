@@ -121,7 +121,7 @@ class ShrinkSpec(Strict):
 class DistillSpec(Strict):
     """Train a smaller student on the teacher's outputs before export (see docs/distill.md)."""
 
-    student: str | None = Field(default=None, pattern=r".+\.py:\w+$")
+    student: str | None = None
     shrink: ShrinkSpec | None = None
     data: str = "calibration"
     loss: Literal["kl", "mse", "cosine"] = "kl"
@@ -132,6 +132,13 @@ class DistillSpec(Strict):
     seed: int = 0
     threads: int = Field(default=2, ge=1)
     max_drop: float | None = Field(default=None, ge=0)
+
+    @field_validator("student")
+    @classmethod
+    def _factory(cls, ref: str | None) -> str | None:
+        if ref is not None and not re.fullmatch(r".+\.py:\w+", ref):
+            raise ValueError("must be path.py:function (a factory returning the student nn.Module)")
+        return ref
 
     @model_validator(mode="after")
     def _one_student(self) -> DistillSpec:

@@ -150,6 +150,35 @@ def test_layer_shrink_and_hf_folder(tmp_path):
     assert m["cosine_to_teacher"] > record["metrics_before"]["cosine_to_teacher"] + 0.3  # 0.20 → 0.94
 
 
+def test_hf_recipe_stage_points_the_export_at_the_student(tmp_path):
+    """run_distill on an hf recipe: the returned recipe's model.hf is the student folder (for export_hf)."""
+    from transformers import BertConfig, BertModel
+
+    from edgepipe.data import calibration_source
+    from edgepipe.distill_stage import run_distill
+    from edgepipe.recipe import load_recipe
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.2)
+    BertModel(config).save_pretrained(str(tmp_path / "teacher"))
+    ids = np.random.default_rng(0).integers(1, 64, size=(48, 10))
+    np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    (tmp_path / "recipe.yaml").write_text(
+        "name: tiny-bert\nmodel: {hf: teacher, task: feature-extraction}\ndata: {calibration: calib.npz}\n"
+        "distill: {shrink: {layers: [0, 3]}, loss: cosine, epochs: 2, lr: 0.003, batch_size: 16}\n"
+    )
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    done = run_distill(recipe, calibration_source("calib.npz", tmp_path), None, tmp_path / "work", log=lambda _m: None)
+    assert done.module is None and recipe.model.hf == "teacher"  # the original recipe is untouched
+    student = done.recipe.path(done.recipe.model.hf)
+    assert student == tmp_path / "work" / "student" and (student / "config.json").is_file()
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 2
+    d = done.record
+    assert d["data"] == {"source": "calibration", "samples": 48} and d["eval_data"].startswith("distill data")
+    assert d["student"]["teacher_layers"] == [0, 3] and d["metrics"]["cosine_to_teacher"] > d["metrics_before"]["cosine_to_teacher"]
+
+
 def test_hf_folder_from_package():
     from edgepipe.distill_stage import hf_folder
 
@@ -184,6 +213,7 @@ BAD = {
     "missing data file": (GOOD.replace("data.py:training", "gone.py:training"), "gone.py"),
     "onnx teacher": (GOOD.replace("torch: model.py:build", "onnx: model.onnx"), "use a torch or hf model source"),
     "no calibration to reuse": (GOOD.replace("  data: data.py:training", "").replace("  calibration: data.py:calibration\n", ""), "data.calibration is not set"),
+    "student not a factory": (GOOD.replace("shrink: {params: 0.25}", "student: small"), "must be path.py:function"),
     "missing student file": (GOOD.replace("shrink: {params: 0.25}", "student: small.py:build"), "small.py"),
 }
 
