@@ -92,8 +92,16 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
     remove_stale(root)
     work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
     try:
+        distilled = None
+        if recipe.distill:
+            from edgepipe.distill_stage import run_distill
+
+            log(f"distill {recipe.model.kind} teacher → student")
+            distilled = run_distill(recipe, calibration, eval_data, work, log)
         log(f"export  {recipe.model.kind} source → ONNX")
-        source = load_source(recipe, work, first)
+        source = load_source(distilled.recipe if distilled else recipe, work, first, distilled.module if distilled else None)
+        if distilled:
+            source.distill = distilled.record
         evaluation = _evaluation(source, eval_data, calibration)
         evaluation.warnings = data_warnings(evaluation.origin, calibration, quantized=True)
         for batch, _ in evaluation.batches[:1]:
@@ -364,6 +372,7 @@ def _manifest(recipe, target, source, emitted: Emitted, runner: Runner, pass_log
         "passes": pass_log,
         "accuracy": {**acc.as_dict(), "data": ev.origin},
         "golden": golden,
+        **({"distill": source.distill} if source.distill else {}),
         "latency": lat,
         "versions": _versions(),
         **emitted.extras,

@@ -43,6 +43,7 @@ class Source:
     sha256: str
     export_check: list[dict] = dataclasses.field(default_factory=list)
     extra_files: dict[str, Path] = dataclasses.field(default_factory=dict)  # e.g. tokenizer files
+    distill: dict = dataclasses.field(default_factory=dict)  # teacher/student/metrics when distilled
 
 
 def file_sha256(path: Path) -> str:
@@ -144,15 +145,18 @@ def verify_export(
     return results
 
 
-def export_torch(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
-    """torch.onnx export with named inputs/outputs and the recipe's dynamic dims, then checked."""
+def export_torch(recipe: Recipe, workdir: Path, real: Batch | None, module: object | None = None) -> Source:
+    """torch.onnx export with named inputs/outputs and the recipe's dynamic dims, then checked.
+
+    ``module`` replaces the recipe's factory (a distilled student)."""
     import torch
 
-    factory = load_callable(recipe.model.torch or "", recipe.base_dir)
-    try:
-        module = factory()
-    except Exception as exc:
-        raise BadInput(f"model factory '{recipe.model.torch}' failed: {type(exc).__name__}: {exc}") from None
+    if module is None:
+        factory = load_callable(recipe.model.torch or "", recipe.base_dir)
+        try:
+            module = factory()
+        except Exception as exc:
+            raise BadInput(f"model factory '{recipe.model.torch}' failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(module, torch.nn.Module):
         raise BadInput(f"model factory '{recipe.model.torch}' returned {type(module).__name__}, not a torch.nn.Module")
     module.eval()
@@ -246,10 +250,10 @@ def _module_digest(module: object) -> str:
     return h.hexdigest()
 
 
-def load_source(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
+def load_source(recipe: Recipe, workdir: Path, real: Batch | None, module: object | None = None) -> Source:
     kind = recipe.model.kind
     if kind == "torch":
-        return export_torch(recipe, workdir, real)
+        return export_torch(recipe, workdir, real, module)
     if kind == "onnx":
         return load_onnx_source(recipe, workdir)
     from edgepipe.hf import export_hf  # optional extra: transformers + optimum-onnx

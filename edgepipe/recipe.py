@@ -117,6 +117,50 @@ class TargetSpec(Strict):
         return passes
 
 
+class ShrinkSpec(Strict):
+    """Automatic student: hidden widths × ``width``, the widest under ``params`` × teacher, or ``layers`` kept."""
+
+    width: float | None = Field(default=None, gt=0, lt=1)
+    params: float | None = Field(default=None, gt=0, lt=1)
+    layers: int | list[int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ShrinkSpec:
+        given = [k for k in ("width", "params", "layers") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of width / params / layers (got {given or 'none'})")
+        return self
+
+
+class DistillSpec(Strict):
+    """Train a smaller student on the teacher's outputs before export (see docs/distill.md)."""
+
+    student: str | None = None
+    shrink: ShrinkSpec | None = None
+    data: str = "calibration"
+    loss: Literal["kl", "mse", "cosine"] = "kl"
+    temperature: float = Field(default=4.0, gt=0)
+    epochs: int = Field(default=20, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    seed: int = 0
+    threads: int = Field(default=2, ge=1)
+    max_drop: float | None = Field(default=None, ge=0)
+
+    @field_validator("student")
+    @classmethod
+    def _factory(cls, ref: str | None) -> str | None:
+        if ref is not None and not re.fullmatch(r".+\.py:\w+", ref):
+            raise ValueError("must be path.py:function (a factory returning the student nn.Module)")
+        return ref
+
+    @model_validator(mode="after")
+    def _one_student(self) -> DistillSpec:
+        if (self.student is None) == (self.shrink is None):
+            raise ValueError("give exactly one of student (path.py:function) / shrink ({params: 0.25} ...)")
+        return self
+
+
 class Recipe(Strict):
     name: str
     model: ModelSource
@@ -125,6 +169,7 @@ class Recipe(Strict):
     data: DataSpec = DataSpec()
     accuracy: AccuracySpec = AccuracySpec(max_drop=0.01)
     targets: dict[str, TargetSpec] = Field(default_factory=lambda: {"cpu": TargetSpec()})
+    distill: DistillSpec | None = None
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("name")
@@ -161,6 +206,10 @@ class Recipe(Strict):
             for key in spec.shapes or {}:
                 if self.inputs and key not in names:
                     raise ValueError(f"targets.{target}.shapes names '{key}', not an input; inputs: {names}")
+        if self.distill and self.model.kind == "onnx":
+            raise ValueError("distill needs the teacher's weights: use a torch or hf model source, not onnx")
+        if self.distill and self.distill.data == "calibration" and not self.data.calibration:
+            raise ValueError("distill.data is 'calibration' but data.calibration is not set; set one of them")
         return self
 
     def path(self, text: str) -> Path:
@@ -271,6 +320,8 @@ def _check_files(recipe: Recipe) -> None:
         "data.calibration": recipe.data.calibration,
         "data.eval": recipe.data.eval,
         "accuracy.metric": recipe.accuracy.metric if ".py:" in recipe.accuracy.metric else None,
+        "distill.student": recipe.distill.student if recipe.distill else None,
+        "distill.data": recipe.distill.data if recipe.distill and recipe.distill.data != "calibration" else None,
     }
     for key, ref in refs.items():
         if not ref:

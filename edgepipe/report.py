@@ -168,6 +168,28 @@ def _target_section(r: TargetResult) -> str:
             f"<details><summary>manifest</summary><pre>{_e(json.dumps(rest, indent=2, default=str)[:20000])}</pre></details>")
 
 
+def _distill_section(results: list[TargetResult]) -> str:
+    """Teacher vs student, when the build distilled the model first (same record in every target)."""
+    d = next((r.manifest["distill"] for r in results if r.manifest.get("distill")), None)
+    if not d:
+        return ""
+    t, s, data = d["teacher"], d["student"], d.get("data", {})
+    how = ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("params", "ratio", "sha256"))
+    before, after = d.get("metrics_before", {}), d.get("metrics", {})
+    metrics = "".join(f"<tr><td>{_e(k)}</td><td>{_e(before.get(k, ''))}</td><td>{_e(v)}</td></tr>" for k, v in after.items() if k != "samples")
+    rows = [
+        ("teacher", f"{t['params']:,} params, sha256 {t['sha256'][:12]}… ({_e(t.get('source', ''))})"),
+        ("student", f"{s['params']:,} params ({s['ratio']:.1%} of the teacher): {_e(how)}"),
+        ("data", f"{_e(data.get('source', ''))}: {data.get('samples', '')} samples; eval on {_e(d.get('eval_data', ''))}"),
+        ("training", f"loss {d['loss']}, temperature {d['temperature']}, {d['epochs']} epochs, lr {d['lr']}, batch {d['batch_size']}, "
+                     f"seed {d['seed']}, {d['threads']} threads, {d.get('seconds', '')} s"),
+        ("budget", f"drop {d.get('drop')} (max {d.get('max_drop')}): {'passed' if d.get('passed') else 'FAILED'}"),
+    ]
+    head = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return (f"<h2>Distillation</h2><table>{head}</table><h3>student vs teacher (eval data)</h3>"
+            f"<table><tr><th>metric</th><th>student before training</th><th>student after</th></tr>{metrics}</table>")
+
+
 def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
     acc_rows = [
         (r.target if len(_models(r.manifest)) == 1 else f"{r.target} {m.get('model_file', '')}", float(m.get("accuracy", {}).get("value", 0)))
@@ -179,7 +201,7 @@ def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
              f"<figure>{_bars('accuracy', acc_rows, ref=ref, zoom=True)}<figcaption>{_e(metric)} per target (axis zoomed); dashed: reference model</figcaption></figure></div>")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>edgepipe: {_e(name)}</title>"
             f"<style>{CSS}</style></head><body><h1>edgepipe build: {_e(name)}</h1>"
-            f"{_summary_table(results)}{plots}{''.join(_target_section(r) for r in results)}</body></html>\n")
+            f"{_summary_table(results)}{plots}{_distill_section(results)}{''.join(_target_section(r) for r in results)}</body></html>\n")
     path = root / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -36,3 +36,10 @@ def evaluation(batch: int = 64) -> Iterator[tuple[dict[str, np.ndarray], np.ndar
     _, _, x_te, y_te = split()
     for i in range(0, len(x_te), batch):
         yield {"image": x_te[i : i + batch]}, y_te[i : i + batch]
+
+
+def training(batch: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """All training images, unlabeled (distillation data: the teacher labels them)."""
+    x_tr, _, _, _ = split()
+    for i in range(0, len(x_tr), batch):
+        yield {"image": x_tr[i : i + batch]}
