@@ -29,7 +29,7 @@ from edgepipe.export import Source, load_source
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load, save
 from edgepipe.recipe import AccuracySpec, Recipe
-from edgepipe.runtime import Runner
+from edgepipe.runtime import Runner, pad_tokens
 from edgepipe.targets import TARGETS, Emitted, Target, TargetContext, compat
 
 Log = Callable[[str], None]
@@ -278,6 +278,7 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
         quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
         golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}
         feed1 = resize_batch(ev.batches[0][0], runner.fixed_batch() or 1)  # a fixed-shape model takes only its batch
+        feed1 = {k: pad_tokens(v, runner.inputs[k].shape) if k in runner.inputs else v for k, v in feed1.items()}  # float and int8 timed on the same feed
         lat = latency(runner, feed1)
         entry = _manifest(recipe, target, source, emitted, runner, b.pass_log, acc, ev, golden, lat, tmp)
         if b.runtime_cap is not None:

@@ -33,7 +33,7 @@ def ort_reason(exc: BaseException) -> str:
     return f"{advice.split(' (')[0]}: {text[:300]}" if advice else text[:400]
 
 
-def _pad_tokens(arr: np.ndarray, shape: list) -> np.ndarray:
+def pad_tokens(arr: np.ndarray, shape: list) -> np.ndarray:
     """Zero-pad integer inputs (token ids, attention masks) up to a fixed sequence length.
 
     A fixed-shape (mobile) transformer takes e.g. [1, 128]; text batches are padded only to their
@@ -84,9 +84,15 @@ class Runner:
         cast = {}
         for name, meta in self.inputs.items():
             want = ORT_DTYPES.get(meta.type)
-            arr = _pad_tokens(np.asarray(feed[name]), meta.shape)
+            arr = pad_tokens(np.asarray(feed[name]), meta.shape)
             cast[name] = arr.astype(want) if want is not None and arr.dtype != want else arr
-        outputs = self.session.run(self.output_names, cast)
+        try:
+            outputs = self.session.run(self.output_names, cast)
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:  # data that does not fit the model
+            got = {k: list(v.shape) for k, v in cast.items()}
+            want = {k: m.shape for k, m in self.inputs.items()}
+            raise BadInput(f"the data does not fit the model: inputs {got}, model takes {want} ({ort_reason(exc)[:200]}); "
+                           "fix the data shapes or the target's shapes") from None
         return dict(zip(self.output_names, outputs, strict=True))
 
     def fixed_batch(self) -> int | None:
