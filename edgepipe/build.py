@@ -25,7 +25,7 @@ from edgepipe.bench import latency, resize_batch
 from edgepipe.checks import data_warnings, speed_warning
 from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.executor import current_map, evaluate_batches
-from edgepipe.export import Source, load_source
+from edgepipe.export import Source, describe_values, load_source
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load, save
 from edgepipe.recipe import AccuracySpec, Recipe
@@ -335,15 +335,7 @@ def _io(path: Path) -> tuple[list[dict], list[dict], int, int]:
     if path.suffix == ".ort":
         return [], [], 0, 0
     m = onnx.load(str(path), load_external_data=False)
-
-    def desc(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
-        return out
-
+    desc = describe_values
     inits = {i.name for i in m.graph.initializer}
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     return desc(v for v in m.graph.input if v.name not in inits), desc(m.graph.output), opset, m.ir_version

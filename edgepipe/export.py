@@ -54,6 +54,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def describe_values(values) -> list[dict]:
+    """name, numpy dtype and shape (dim names for dynamic dims) of ONNX graph inputs/outputs."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+    return out
+
+
 def onnx_io(path: Path) -> tuple[InputSpecs, list[str]]:
     """Input specs (dtype, shape with names for dynamic dims) and output names of an ONNX file."""
     model = onnx.load(str(path), load_external_data=False)

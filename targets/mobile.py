@@ -20,6 +20,7 @@ from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, conv
 from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
 from edgepipe.errors import BadInput, one_line
+from edgepipe.export import describe_values
 
 REPORT = "usability_report.json"
 OPS_CONFIG = "required_operators.config"
@@ -84,8 +85,8 @@ class MobileTarget(Target):
         extras = {
             "opset": opset,
             "ir_version": proto.ir_version,
-            "inputs": _describe(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}),
-            "outputs": _describe(proto.graph.output),
+            "inputs": describe_values(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}),
+            "outputs": describe_values(proto.graph.output),
             "mobile": {
                 "ort_format": {"file": "model.ort", "optimization_style": "Fixed", "target_platform": PLATFORM,
                                "converter": "onnxruntime.tools.convert_onnx_models_to_ort"},
@@ -133,12 +134,3 @@ def _info(info: uc.PartitioningInfo, proto: onnx.ModelProto, ep: str) -> dict:
         "unsupported_nodes": unsupported,
         "caveats": info.supported_ops_checker.get_caveats(),
     }
-
-
-def _describe(values) -> list[dict]:
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
-    return out
