@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import io
+import ctypes
 import json
-import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,6 @@ import onnx_ir as ir
 from edgepipe.passes.base import save
 from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
-from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
 from edgepipe.errors import BadInput, one_line
@@ -26,6 +27,30 @@ REPORT = "usability_report.json"
 OPS_CONFIG = "required_operators.config"
 # Phones are ARM: "arm" keeps x86-only layout rewrites (NCHWc) out of the .ort and allows int8 QDQ.
 PLATFORM = "arm"
+ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag
+
+
+def _no_aslr() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.personality(ADDR_NO_RANDOMIZE)
+    except (OSError, AttributeError):
+        pass
+
+
+def convert_to_ort(src: Path, out: Path) -> None:
+    """onnxruntime's own converter (Fixed style), in a child process with address randomization off.
+
+    ORT's flatbuffer writer orders some tables by pointer, so the same model converts to different
+    bytes in every process (seen: 3 runs, 3 hashes); with ASLR off the bytes repeat, which keeps
+    rebuilds byte-identical. Where personality(2) is refused the conversion still runs.
+    """
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src), "--output_dir", str(out),
+           "--optimization_style", "Fixed", "--target_platform", PLATFORM]
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_no_aslr if os.name == "posix" else None)
+    if proc.returncode != 0 or not (out / "model.ort").is_file():
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        raise BadInput(one_line(f"mobile: onnxruntime could not convert the model to ORT format: {lines[-1] if lines else proc.returncode}"))
 
 
 class MobileTarget(Target):
@@ -62,15 +87,7 @@ class MobileTarget(Target):
         try:
             src = save(deployable(model), work / "model.onnx")
             out = work / "ort"
-            quiet = logging.getLogger("ort_format_model.utils")
-            level = quiet.level
-            quiet.setLevel(logging.WARNING)  # it logs each config file it writes at INFO
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                try:
-                    convert_onnx_models_to_ort(src, output_dir=out, optimization_styles=[OptimizationStyle.Fixed], target_platform=PLATFORM)
-                except Exception as exc:  # noqa: BLE001 - the converter raises whatever ORT raised
-                    raise BadInput(one_line(f"mobile: onnxruntime could not convert the model to ORT format: {exc}")) from None
-            quiet.setLevel(level)
+            convert_to_ort(src, out)
             shutil.copyfile(out / "model.ort", folder / "model.ort")
             # The converter names its temp path in a comment: keep the file the same build to build.
             config = (out / f"model.{OPS_CONFIG}").read_text(encoding="utf-8").replace(str(out / "model.ort"), "model.ort")

@@ -39,12 +39,14 @@ def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 120) 
 
 
 def test_rebuild_is_byte_identical(digits_build, tmp_path):
-    assert main(["build", RECIPE, "-o", str(tmp_path), "-q", "--target", "cpu"]) == 0
-    first, second = _manifest(digits_build / "cpu"), _manifest(tmp_path / "digits-cnn" / "cpu")
-    assert first["files"] == second["files"]
-    assert first["content_sha256"] == second["content_sha256"]
-    for name in first["files"]:
-        assert (digits_build / "cpu" / name).read_bytes() == (tmp_path / "digits-cnn" / "cpu" / name).read_bytes()
+    # Every target: the cpu model, the mobile .ort (converted with ASLR off), the gpu fp16 + int8 models.
+    assert main(["build", RECIPE, "-o", str(tmp_path), "-q"]) == 0
+    for target in ("cpu", "mobile", "gpu"):
+        first, second = _manifest(digits_build / target), _manifest(tmp_path / "digits-cnn" / target)
+        assert first["files"] == second["files"], target
+        assert first["content_sha256"] == second["content_sha256"], target
+        for name in first["files"]:
+            assert (digits_build / target / name).read_bytes() == (tmp_path / "digits-cnn" / target / name).read_bytes()
 
 
 def test_killed_build_leaves_existing_artifact_whole(digits_build, tmp_path):
