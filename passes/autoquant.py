@@ -154,6 +154,20 @@ def _prune(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(keep)
 
 
+def rank(fproto: onnx.ModelProto, nodes: list[onnx.NodeProto], scores: list[float], base: float, how: str) -> list[dict[str, Any]]:
+    """Rows (node, op, metric, gain over ``base``, weights) in the order the nodes go back to float."""
+    rows = []
+    for node, s in zip(nodes, scores, strict=True):
+        rows.append({"node": node.name, "op": node.op_type, "metric": round(s, 6), "gain": round(s - base, 6), "weights": _weight_elements(fproto, node)})
+    if how == "gain_per_weight":
+        # cheapest recovery first: a small table (position embeddings) kept float costs ~nothing in
+        # speed or size; a 1536x384 MatMul in float costs both
+        rows.sort(key=lambda r: (r["gain"] <= 0, -r["gain"] / max(r["weights"], 1)))
+    else:
+        rows.sort(key=lambda r: -r["gain"])
+    return rows
+
+
 def sensitivity(qproto: onnx.ModelProto, fproto: onnx.ModelProto, names: list[str], evaluate: Callable[..., float],
                 samples: int | None, mapper: Mapper = local_map, run_seconds: float = 0.0) -> tuple[list[float], dict | None]:
     """The metric with each named node alone kept in float (on the first ``samples`` eval samples), in order.
@@ -218,7 +232,6 @@ class QuantizeAuto(EdgepipePass):
         def score_with(names: list[str], samples: int | None = None) -> float:
             return evaluate(keep_float(qproto, fproto, names), samples=samples)  # the build's evaluate takes a proto too
 
-        ranking = []
         n = c.sensitivity_samples
         if n is not None:
             started = time.perf_counter()
@@ -229,16 +242,7 @@ class QuantizeAuto(EdgepipePass):
         scores, fanout = sensitivity(qproto, fproto, [node.name for node in candidates], evaluate, n, ctx.map, run_seconds)
         if fanout:
             stats["sensitivity_fanout"] = fanout
-        for node, s in zip(candidates, scores, strict=True):
-            weights = _weight_elements(fproto, node)
-            gain = round(s - base, 6)
-            ranking.append({"node": node.name, "op": node.op_type, "metric": round(s, 6), "gain": gain, "weights": weights})
-        if c.rank == "gain_per_weight":
-            # cheapest recovery first: a small table (position embeddings) kept float costs ~nothing in
-            # speed or size; a 1536x384 MatMul in float costs both
-            ranking.sort(key=lambda r: (r["gain"] <= 0, -r["gain"] / max(r["weights"], 1)))
-        else:
-            ranking.sort(key=lambda r: -r["gain"])
+        ranking = rank(fproto, candidates, scores, base, c.rank)
         stats["sensitivity"] = ranking
         order = [r["node"] for r in ranking]
         if steps[0]["passed"]:
