@@ -239,9 +239,8 @@ class QuantizeAuto(EdgepipePass):
             run_seconds = time.perf_counter() - started
         else:
             base = score
-        scores, fanout = sensitivity(qproto, fproto, [node.name for node in candidates], evaluate, n, ctx.map, run_seconds)
-        if fanout:
-            stats["sensitivity_fanout"] = fanout
+        # where it ran stays out of the stats: they are part of the manifest's content, equal on every executor
+        scores, _ = sensitivity(qproto, fproto, [node.name for node in candidates], evaluate, n, ctx.map, run_seconds)
         ranking = rank(fproto, candidates, scores, base, c.rank)
         stats["sensitivity"] = ranking
         order = [r["node"] for r in ranking]
