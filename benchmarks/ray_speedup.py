@@ -1,6 +1,6 @@
 """Speed-up of fanned-out work: in-process vs a 2-worker process pool vs 2 local Ray workers, side by side.
 
-Workloads (what exists on main today; per-node sensitivity analysis lands from another branch):
+Workloads (per-node sensitivity analysis has its own benchmark: benchmarks/sensitivity_ray.py):
   builds  4 (recipe, target) units: the digits CNN, cpu target, 4 pass chains (static int8 with minmax,
           entropy and percentile calibration; dynamic int8): the `edgepipe build R1 R2 R3 R4` workload.
   eval    all-MiniLM-L6-v2 (fp32 ONNX) over N real sentences: the evaluation fan-out a build (and sensitivity

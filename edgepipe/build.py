@@ -24,10 +24,11 @@ from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_
 from edgepipe.bench import latency, resize_batch
 from edgepipe.checks import data_warnings, speed_warning
 from edgepipe.errors import BadInput, EdgepipeError, explain
+from edgepipe.evaluator import Evaluator
 from edgepipe.executor import current_map, evaluate_batches
 from edgepipe.export import Source, describe_values, load_source
 from edgepipe.passes import PassContext, create, model_stats
-from edgepipe.passes.base import load, save
+from edgepipe.passes.base import load
 from edgepipe.recipe import AccuracySpec, Recipe
 from edgepipe.runtime import Runner, pad_tokens
 from edgepipe.targets import TARGETS, Emitted, Target, TargetContext, compat
@@ -229,33 +230,11 @@ def _build_target(
 
 def _evaluator(target: Target, spec: AccuracySpec, metric: Metric, ev: Evaluation, work: Path):
     """(evaluate, accept) for passes: a candidate's metric on the eval data (higher is better), and the budget."""
-    sign = 1.0 if metric.higher_is_better else -1.0
+    evaluate = Evaluator(spec, metric, ev.batches, ev.reference, ev.labels, list(target.providers), work)
     ref = reference_value(spec, metric, ev.reference, ev.labels)
 
-    def evaluate(model: ir.Model | onnx.ModelProto, samples: int | None = None) -> float:
-        """``samples``: only the first N eval samples (a quick, ranking-grade estimate); a proto skips IR conversion."""
-        batches, n = [], 0
-        for inputs, labels in ev.batches:
-            if samples is not None and n >= samples:
-                break
-            batches.append((inputs, labels))
-            n += len(next(iter(inputs.values())))
-        reference = {k: v[:n] for k, v in ev.reference.items()}
-        labels = None if ev.labels is None else ev.labels[:n]
-        work.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="eval-", dir=work)) / "model.onnx"
-        if isinstance(model, onnx.ModelProto):
-            path.write_bytes(model.SerializeToString())
-        else:
-            save(model, path)
-        try:
-            outputs = run_batches(Runner(path, providers=target.providers), batches)
-        finally:
-            shutil.rmtree(path.parent, ignore_errors=True)
-        return sign * measure(spec, metric, outputs, reference, labels).value
-
     def accept(score: float) -> bool:
-        return budget_met(spec, metric, ref, sign * score)
+        return budget_met(spec, metric, ref, evaluate.sign * score)
 
     return evaluate, accept
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import socket
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -12,6 +16,8 @@ import onnx_ir as ir
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 from pydantic import model_validator
+
+from edgepipe.executor import Mapper, local_map
 
 METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic}
 # ops worth keeping in float: the ones with weights and int8 kernels (not Relu/MaxPool/Reshape around them)
@@ -148,6 +154,50 @@ def _prune(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(keep)
 
 
+def rank(fproto: onnx.ModelProto, nodes: list[onnx.NodeProto], scores: list[float], base: float, how: str) -> list[dict[str, Any]]:
+    """Rows (node, op, metric, gain over ``base``, weights) in the order the nodes go back to float."""
+    rows = []
+    for node, s in zip(nodes, scores, strict=True):
+        rows.append({"node": node.name, "op": node.op_type, "metric": round(s, 6), "gain": round(s - base, 6), "weights": _weight_elements(fproto, node)})
+    if how == "gain_per_weight":
+        # cheapest recovery first: a small table (position embeddings) kept float costs ~nothing in
+        # speed or size; a 1536x384 MatMul in float costs both
+        rows.sort(key=lambda r: (r["gain"] <= 0, -r["gain"] / max(r["weights"], 1)))
+    else:
+        rows.sort(key=lambda r: -r["gain"])
+    return rows
+
+
+def sensitivity(qproto: onnx.ModelProto, fproto: onnx.ModelProto, names: list[str], evaluate: Callable[..., float],
+                samples: int | None, mapper: Mapper = local_map, run_seconds: float = 0.0) -> tuple[list[float], dict | None]:
+    """The metric with each named node alone kept in float (on the first ``samples`` eval samples), in order.
+
+    A loop here, or, when ``mapper`` is wider than 1, the estimated work (``run_seconds`` a run) exceeds
+    ``EDGEPIPE_FANOUT_MIN_SECONDS`` and ``evaluate`` can travel (an ``Evaluator``), contiguous chunks of
+    names over the map: each task gets both models once and builds its candidates itself (fewer bytes than
+    one mixed model per node). The scores equal the loop's bit for bit. Also returns what fanned out, or None.
+    """
+    width = int(getattr(mapper, "width", 1))
+    minimum = float(os.environ.get("EDGEPIPE_FANOUT_MIN_SECONDS", 2.0))
+    portable = getattr(evaluate, "portable", None)
+    task_eval = portable(samples) if portable is not None and width > 1 and len(names) > 1 and run_seconds * len(names) >= minimum else None
+    if task_eval is None:
+        return [evaluate(keep_float(qproto, fproto, [name]), samples=samples) for name in names], None
+    k = min(width, len(names))
+    bounds = [len(names) * i // k for i in range(k + 1)]
+    chunks = [names[bounds[i] : bounds[i + 1]] for i in range(k)]
+    parts = mapper(functools.partial(_score_chunk, qproto.SerializeToString(), fproto.SerializeToString(), task_eval), chunks)
+    scores = [s for part in parts for s in part["scores"]]
+    return scores, {"tasks": k, "width": width, "workers": [part["where"] for part in parts]}
+
+
+def _score_chunk(qbytes: bytes, fbytes: bytes, evaluate: Callable[..., float], names: list[str]) -> dict[str, Any]:
+    """A task: the score of each node kept alone in float; ``where`` (host:pid) says which worker ran it."""
+    qproto, fproto = onnx.ModelProto.FromString(qbytes), onnx.ModelProto.FromString(fbytes)
+    scores = [evaluate(keep_float(qproto, fproto, [name])) for name in names]
+    return {"scores": scores, "where": f"{socket.gethostname()}:{os.getpid()}"}
+
+
 class QuantizeAuto(EdgepipePass):
     """Quantizes, then, if the target's budget breaks, ranks nodes by sensitivity and keeps the fewest in float."""
 
@@ -169,6 +219,7 @@ class QuantizeAuto(EdgepipePass):
         start = time.perf_counter()
         evaluate, accept = ctx.evaluate, ctx.accept
         score = evaluate(first.model)
+        run_seconds = time.perf_counter() - start
         steps = [{"kept_float": 0, "nodes": [], "metric": round(score, 6), "passed": accept(score)}]
         stats: dict[str, Any] = {**first.stats, "method": c.method, "initial_metric": round(score, 6), "steps": steps}
         if steps[0]["passed"] and c.analyze == "on_failure":
@@ -181,20 +232,16 @@ class QuantizeAuto(EdgepipePass):
         def score_with(names: list[str], samples: int | None = None) -> float:
             return evaluate(keep_float(qproto, fproto, names), samples=samples)  # the build's evaluate takes a proto too
 
-        ranking = []
         n = c.sensitivity_samples
-        base = score_with([], n) if n is not None else score
-        for node in candidates:
-            s = score_with([node.name], n)
-            weights = _weight_elements(fproto, node)
-            gain = round(s - base, 6)
-            ranking.append({"node": node.name, "op": node.op_type, "metric": round(s, 6), "gain": gain, "weights": weights})
-        if c.rank == "gain_per_weight":
-            # cheapest recovery first: a small table (position embeddings) kept float costs ~nothing in
-            # speed or size; a 1536x384 MatMul in float costs both
-            ranking.sort(key=lambda r: (r["gain"] <= 0, -r["gain"] / max(r["weights"], 1)))
+        if n is not None:
+            started = time.perf_counter()
+            base = score_with([], n)
+            run_seconds = time.perf_counter() - started
         else:
-            ranking.sort(key=lambda r: -r["gain"])
+            base = score
+        # where it ran stays out of the stats: they are part of the manifest's content, equal on every executor
+        scores, _ = sensitivity(qproto, fproto, [node.name for node in candidates], evaluate, n, ctx.map, run_seconds)
+        ranking = rank(fproto, candidates, scores, base, c.rank)
         stats["sensitivity"] = ranking
         order = [r["node"] for r in ranking]
         if steps[0]["passed"]:
