@@ -195,5 +195,11 @@ CONTENT_KEYS = ("name", "target", "model_file", "files", "inputs", "outputs", "o
 
 
 def content_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of what a rebuild must reproduce exactly (no timings): equal for byte-identical builds."""
-    return hashlib.sha256(canonical({k: manifest.get(k) for k in CONTENT_KEYS})).hexdigest()
+    """sha256 of what a rebuild must reproduce exactly: equal for byte-identical builds.
+
+    Pass stats hold timings (a search's seconds, fusion measured faster or not), so of the passes
+    only names and params count; what they produced is in ``files``.
+    """
+    content = {k: manifest.get(k) for k in CONTENT_KEYS}
+    content["passes"] = [{"name": p.get("name"), "params": p.get("params")} for p in manifest.get("passes") or []]
+    return hashlib.sha256(canonical(content)).hexdigest()
