@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
+from edgepipe.errors import BadInput
 from edgepipe.executor import Mapper, local_map
 
 Batch = dict[str, np.ndarray]
@@ -63,6 +64,12 @@ class EdgepipePass(ir.passes.FunctionalPass):
     def __init__(self, config: PassConfig | None = None, context: PassContext | None = None) -> None:
         self.config = config if config is not None else self.Config()
         self.context = context or PassContext(workdir=Path(tempfile.mkdtemp(prefix="edgepipe-")))
+
+    def require_calibration(self) -> Callable[[], Iterable[Batch]]:
+        """The calibration source, or one line telling the user to give one."""
+        if self.context.calibration is None:
+            raise BadInput(f"{self.name} needs calibration data: set data.calibration in the recipe")
+        return self.context.calibration
 
     def ensures(self, model: ir.Model) -> None:
         onnx.checker.check_model(ir.to_proto(model), full_check=False)

@@ -162,8 +162,7 @@ class QuantizeStatic(EdgepipePass):
         c = self.config
         if (done := _already_quantized(model)) is not None:
             return done
-        if self.context.calibration is None:
-            raise BadInput(f"{self.name} needs calibration data: set data.calibration in the recipe")
+        self.require_calibration()
         folder = self.context.scratch("qstatic")
         named = clone(model)
         name_nodes(named)  # ORT excludes by node name

@@ -13,8 +13,6 @@ import onnxruntime as ort
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 from onnx import numpy_helper
 
-from edgepipe.errors import BadInput
-
 # Values a channel scale passes through unchanged (channel j in is channel j out).
 CHANNELWISE = {"Reshape", "Transpose"}
 
@@ -81,8 +79,7 @@ class SmoothQuant(EdgepipePass):
 
     def call(self, model: ir.Model) -> StatsResult:
         c = self.config
-        if self.context.calibration is None:
-            raise BadInput("smoothquant needs calibration data: set data.calibration in the recipe")
+        self.require_calibration()
         proto = ir.to_proto(model)
         sites = _foldable(proto)
         if not sites:

@@ -46,8 +46,7 @@ class QuantizeTensorRt(EdgepipePass):
         c = self.config
         if (done := _already_quantized(model)) is not None:
             return done
-        if self.context.calibration is None:
-            raise BadInput(f"{self.name} needs calibration data: set data.calibration in the recipe")
+        self.require_calibration()
         if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
             raise BadInput(f"{self.name} needs onnxruntime >= 1.32 (quantize_static's calibration_cache_path)")
         folder = self.context.scratch("qtrt")
