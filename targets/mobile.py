@@ -43,11 +43,16 @@ def convert_to_ort(src: Path, out: Path) -> None:
 
     ORT's flatbuffer writer orders some tables by pointer, so the same model converts to different
     bytes in every process (seen: 3 runs, 3 hashes); with ASLR off the bytes repeat, which keeps
-    rebuilds byte-identical. Where personality(2) is refused the conversion still runs.
+    rebuilds byte-identical for one Python install (the interpreter's path still shapes the layout).
+    Where personality(2) is refused the conversion still runs.
     """
-    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src), "--output_dir", str(out),
-           "--optimization_style", "Fixed", "--target_platform", PLATFORM]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_no_aslr if os.name == "posix" else None)
+    # Relative paths from the model's folder: the child's argv (and so its memory layout) is the same every build.
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", src.name, "--output_dir",
+           os.path.relpath(out, src.parent), "--optimization_style", "Fixed", "--target_platform", PLATFORM]
+    # A fixed environment too: the writer's output changed with the size of the caller's environment.
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=src.parent, env=env,
+                          preexec_fn=_no_aslr if os.name == "posix" else None)
     if proc.returncode != 0 or not (out / "model.ort").is_file():
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
         raise BadInput(one_line(f"mobile: onnxruntime could not convert the model to ORT format: {lines[-1] if lines else proc.returncode}"))

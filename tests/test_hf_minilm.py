@@ -79,7 +79,9 @@ def test_fusion_counts_and_the_keep_decision_follow_the_measurement(source, tmp_
     assert s["expected"] == {"Attention": 6, "SkipLayerNormalization": 12, "Gelu": 6, "EmbedLayerNormalization": 1}
     assert s["achieved"] == s["expected"] and s["complete"]
     t = s["timing_ms"]
-    assert s["kept"] == (t["fused"] < 0.95 * t["unfused"]) and ("kept" if s["kept"] else "dropped") in s["decision"]
+    if abs(t["fused"] - 0.95 * t["unfused"]) > 0.002:  # outside the rounding of the stored timings
+        assert s["kept"] == (t["fused"] < 0.95 * t["unfused"])
+    assert ("kept" if s["kept"] else "dropped") in s["decision"]
     kept_ops = {n.op_type for n in auto.model.graph}
     assert ("Attention" in kept_ops) == s["kept"] == auto.modified
 
