@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,6 +76,19 @@ class EdgepipePass(ir.passes.FunctionalPass):
 
     def ensures(self, model: ir.Model) -> None:
         onnx.checker.check_model(ir.to_proto(model), full_check=False)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """ORT's tools log to the root logger and print freely; keep the user's terminal for our progress."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def clone(model: ir.Model) -> ir.Model:

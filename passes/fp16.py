@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, quiet
 from edgepipe.passes.probe import TensorStats, probe
 from onnx_ir.passes import common
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -115,16 +113,10 @@ class Fp16(EdgepipePass):
 
 def _convert(model: ir.Model, ops: list[str], reasons: dict) -> ir.Model:
     """ORT's converter (onnxconverter-common's output fails to load in ORT): float32 I/O kept."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # it warns for every weight it clamps
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            proto = convert_float_to_float16(
-                ir.to_proto(model), keep_io_types=True, op_block_list=ops, node_block_list=sorted(reasons)
-            )
-    finally:
-        root.setLevel(level)
+    with quiet():  # it warns for every weight it clamps
+        proto = convert_float_to_float16(
+            ir.to_proto(model), keep_io_types=True, op_block_list=ops, node_block_list=sorted(reasons)
+        )
     # Its Casts come last (unsorted) and its value_info is stale in places (an initializer left
     # float32 but typed float16): sort, then infer the types again.
     sorted_model = ir.from_proto(proto)

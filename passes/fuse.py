@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, load, save
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, load, quiet, save
 
 # fused op -> the float ops whose count says how many of it a fully fused graph has
 GELU_OPS = ("Gelu", "BiasGelu", "FastGelu")
@@ -107,23 +107,12 @@ def p50_ms(paths: list[Path], threads: int, sequence: int, runs: int) -> list[fl
     return [float(np.median(t)) for t in times]
 
 
-@contextlib.contextmanager
-def _no_root_warnings():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # "Please consider to run pre-processing before quantization"
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def _int8(path: Path) -> Path:
     """The dynamic int8 form of a model, to compare graphs as an int8 target will ship them."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = path.with_suffix(".int8.onnx")
-    with contextlib.redirect_stdout(io.StringIO()), _no_root_warnings():
+    with quiet():  # "Please consider to run pre-processing before quantization"
         quantize_dynamic(path, out, per_channel=True, weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": 1})
     return out
 

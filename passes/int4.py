@@ -6,8 +6,8 @@ import logging
 
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
-from edgepipe.passes.quantize import _already_quantized, _quiet
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, quiet
+from edgepipe.passes.quantize import _already_quantized
 from pydantic import Field, field_validator
 
 
@@ -59,7 +59,7 @@ class QuantizeInt4(EdgepipePass):
             op_types_to_quantize=op_types,
             quant_axes=axes,
         )
-        with _quiet():
+        with quiet():
             quantizer.process()
         proto: onnx.ModelProto = quantizer.model.model
         result = ir.from_proto(proto)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import onnx_ir as ir
-from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, save
+from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, quiet, save
 from edgepipe.passes.float_guard import attention_mask_nodes, name_nodes
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -80,19 +77,6 @@ class _Reader(CalibrationDataReader):
         return feed
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """ORT's quantizer logs and prints freely; keep the user's terminal for our progress."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-
-
 def _prepare(model: ir.Model, folder: Path, preprocess: bool) -> Path:
     src = save(model, folder / "in.onnx")
     if not preprocess:
@@ -136,7 +120,7 @@ class QuantizeDynamic(EdgepipePass):
         folder = self.context.scratch("qdyn")
         src = _prepare(model, folder, c.preprocess)
         out = folder / "out.onnx"
-        with _quiet():
+        with quiet():
             quantize_dynamic(
                 src,
                 out,
@@ -179,7 +163,7 @@ class QuantizeStatic(EdgepipePass):
             "WeightSymmetric": c.symmetric_weights,
             **c.extra_options,
         }
-        with _quiet():
+        with quiet():
             quantize_static(
                 src,
                 out,

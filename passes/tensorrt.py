@@ -9,8 +9,8 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, load, save
-from edgepipe.passes.quantize import CALIBRATION, _already_quantized, _quantized_nodes, _quiet, _Reader
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, load, quiet, save
+from edgepipe.passes.quantize import CALIBRATION, _already_quantized, _quantized_nodes, _Reader
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import load_tensors_data
 from pydantic import Field
@@ -53,7 +53,7 @@ class QuantizeTensorRt(EdgepipePass):
         src = save(model, folder / "in.onnx")
         ranges_file = folder / "ranges.json"
         reader = _Reader(iter(self.context.calibration()), c.max_samples, {v.name for v in model.graph.inputs})
-        with _quiet():
+        with quiet():
             quantize_static(
                 src,
                 folder / "out.onnx",
