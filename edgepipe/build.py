@@ -70,8 +70,22 @@ def select_targets(recipe: Recipe, only: list[str] | None) -> list[str]:
     return [n for n in names if n in only]
 
 
-def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool = False, log: Log = print) -> list[TargetResult]:
-    """Run the whole pipeline; returns one result per target (failed checks included)."""
+@dataclasses.dataclass
+class Preflight:
+    """What the cheap checks before an export found: the targets to build and the data, loaded once."""
+
+    targets: list[str]
+    calibration: Callable | None
+    eval_data: list | None
+    first_cal: dict[str, np.ndarray] | None
+
+    @property
+    def first(self) -> dict[str, np.ndarray] | None:
+        return self.eval_data[0][0] if self.eval_data else self.first_cal
+
+
+def preflight(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> Preflight:
+    """Every check that needs no export: targets, existing artifacts, data names/dtypes/shapes, output folder."""
     targets = select_targets(recipe, only)
     root = out / recipe.name
     for t in targets:
@@ -81,14 +95,22 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
     first_cal = next(iter(calibration()), None) if calibration else None
     if calibration is not None and first_cal is None:
         raise BadInput(f"data.calibration '{recipe.data.calibration}' yielded no batches; give it at least one batch")
-    first = eval_data[0][0] if eval_data else first_cal
-    _check_data_names(recipe, first)
+    pre = Preflight(targets, calibration, eval_data, first_cal)
+    _check_data_names(recipe, pre.first)
     if recipe.inputs:  # before the (slow) export: the data must fit the declared inputs
         specs = {i.name: (i.dtype, list(i.shape)) for i in recipe.inputs}
         for where, batch in (("data.eval", eval_data[0][0] if eval_data else None), ("data.calibration", first_cal)):
             if batch is not None:
                 data_mod.check_batch(batch, specs, where)
     check_writable(out)
+    return pre
+
+
+def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool = False, log: Log = print) -> list[TargetResult]:
+    """Run the whole pipeline; returns one result per target (failed checks included)."""
+    pre = preflight(recipe, out, only, force)
+    targets, calibration, eval_data, first = pre.targets, pre.calibration, pre.eval_data, pre.first
+    root = out / recipe.name
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(root)
     work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))

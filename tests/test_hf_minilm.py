@@ -132,3 +132,14 @@ def test_minilm_recipe_is_valid_and_names_real_data():
 
     assert not sentences("calibration.txt") & sentences("eval.txt")  # disjoint sets
     json.dumps(recipe.model_dump(mode="json"))
+
+
+def test_dry_run_reads_text_data_with_the_models_tokenizer(tmp_path, capsys):
+    # --dry-run runs the same preflight as a build: .txt data is tokenized, not refused.
+    from edgepipe.cli import main
+
+    assert main(["build", str(MINILM / "recipe.yaml"), "--dry-run", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "calibration data: inputs ['attention_mask', 'input_ids'] match the model" in out
+    assert "target mobile: passes cleanup → quantize.auto → shapes.fix" in out
+    assert not any(tmp_path.iterdir())  # nothing was built
