@@ -19,6 +19,7 @@ from edgepipe.passes.shapes import FixShapes
 from edgepipe.passes.share import ShareCluster, ShareDedupe
 from edgepipe.passes.smooth import SmoothQuant
 from edgepipe.passes.tensorrt import QuantizeTensorRt
+from edgepipe.passes.unfuse import UnfuseSkipLayerNorm
 from pydantic import ValidationError
 
 from edgepipe.errors import BadInput, one_line
@@ -29,6 +30,7 @@ PASSES: dict[str, type[EdgepipePass]] = {
         Cleanup, OrtOptimize, QuantizeDynamic, QuantizeStatic, Fp16, FixShapes, QuantizeTensorRt,
         FuseTransformer, QuantizeAuto, SmoothQuant,
         ShareDedupe, ShareCluster, PruneMagnitude, PruneStructured, QuantizeInt4,
+        UnfuseSkipLayerNorm,
     )
 }
 
