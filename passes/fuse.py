@@ -90,11 +90,13 @@ def _feed(session: ort.InferenceSession, sequence: int) -> dict[str, np.ndarray]
 def p50_ms(paths: list[Path], threads: int, sequence: int, runs: int) -> list[float]:
     """Median latency (ms) of each model on the CPU provider at batch 1, ``sequence`` tokens.
 
-    Runs alternate between the models so that both see the same background load.
+    Runs alternate between the models so that both see the same background load. Worker threads do not
+    spin between runs: a spinning pool of one session steals the cores the next session is timed on.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
     feeds = [_feed(s, sequence) for s in sessions]
     times: list[list[float]] = [[] for _ in sessions]

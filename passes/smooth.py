@@ -1,4 +1,9 @@
-"""smoothquant: move activation outliers into the next MatMul's weights (SmoothQuant), folded where it costs nothing."""
+"""smoothquant: move activation outliers into the next MatMul's weights (SmoothQuant).
+
+Folded where it costs nothing (a ``Mul`` by a scalar constant takes the per-channel ``1/s``); with
+``insert: true`` every other MatMul input with outlier channels gets one ``Mul`` by ``1/s`` in front of the
+MatMuls that read it (BERT's post-LayerNorm Q/K/V and FFN-in inputs, which also feed the residual).
+"""
 
 from __future__ import annotations
 
@@ -11,44 +16,58 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
-from onnx import numpy_helper
-
-# Values a channel scale passes through unchanged (channel j in is channel j out).
-CHANNELWISE = {"Reshape", "Transpose"}
+from onnx import helper, numpy_helper
 
 
 class SmoothConfig(PassConfig):
     alpha: float = 0.7  # share of the outlier moved into the weights (SmoothQuant: 0.5; 0.7 measured best on MiniLM)
     max_samples: int = 64
     min_ratio: float = 2.0  # smooth only inputs whose largest channel is this many times the median
+    # Also smooth inputs that cannot be folded, with one Mul (shared by every MatMul reading the input).
+    # GELU's tail then gets a Mul too instead of a folded constant: ORT fuses GELU only with its scalar 0.5.
+    insert: bool = False
 
 
-def _const(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
-    return next((i for i in graph.initializer if i.name == name), None)
+def _is_gelu_tail(mul: onnx.NodeProto, k: int, producer: dict[str, onnx.NodeProto]) -> bool:
+    """Is ``mul`` the ``* 0.5`` that ends an Erf GELU (ORT fuses the pattern only with that scalar)?"""
+    frontier, seen = [mul.input[1 - k]], 0
+    while frontier and seen < 4:
+        node = producer.get(frontier.pop())
+        if node is None:
+            continue
+        if node.op_type == "Erf":
+            return True
+        frontier += list(node.input)
+        seen += 1
+    return False
 
 
-def _foldable(model: onnx.ModelProto) -> list[dict[str, Any]]:
-    """MatMuls with a constant weight whose input is ``Mul(x, constant)``: the 1/s folds into that constant
-    (BERT's GELU ends in ``* 0.5``), so smoothing adds no node."""
+def _sites(model: onnx.ModelProto, insert: bool) -> list[dict[str, Any]]:
+    """One site per activation read by MatMuls with a constant 2-D weight: fold into a scalar ``Mul`` when
+    that Mul feeds only them (and is not GELU's tail while ``insert`` is on), else insert a Mul if allowed."""
     graph = model.graph
+    consts = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    found = []
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        if node.op_type != "MatMul" or _const(graph, node.input[1]) is None:
-            continue
-        mul = producer.get(node.input[0])
-        if mul is None or mul.op_type != "Mul" or len(consumers.get(node.input[0], [])) != 1:
-            continue
-        k = next((j for j in (1, 0) if _const(graph, mul.input[j]) is not None), None)
-        if k is None:
-            continue
-        c = numpy_helper.to_array(_const(graph, mul.input[k]))
-        if c.size == 1:
-            found.append({"matmul": node, "mul": mul, "k": k, "const": mul.input[k], "act": node.input[0]})
+        w = consts.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is not None and len(w.dims) == 2 and node.input[0] not in consts:
+            readers.setdefault(node.input[0], []).append(node)
+    found = []
+    for act, matmuls in readers.items():
+        site: dict[str, Any] = {"act": act, "matmuls": matmuls}
+        mul = producer.get(act)
+        k = None
+        if mul is not None and mul.op_type == "Mul" and len(consumers[act]) == len(matmuls):
+            k = next((j for j in (1, 0) if mul.input[j] in consts and numpy_helper.to_array(consts[mul.input[j]]).size == 1), None)
+        if k is not None and not (insert and _is_gelu_tail(mul, k, producer)):
+            found.append({**site, "mode": "fold", "mul": mul, "k": k, "const": mul.input[k]})
+        elif insert:
+            found.append({**site, "mode": "insert"})
     return found
 
 
@@ -56,8 +75,10 @@ def channel_max(model: onnx.ModelProto, names: list[str], batches) -> dict[str, 
     """max |x| per last-axis channel of the named tensors over calibration batches."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
     for name in names:
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        if name not in outputs:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -81,9 +102,9 @@ class SmoothQuant(EdgepipePass):
         c = self.config
         self.require_calibration()
         proto = ir.to_proto(model)
-        sites = _foldable(proto)
+        sites = _sites(proto, c.insert)
         if not sites:
-            return StatsResult(ir.from_proto(proto), modified=False, stats={"smoothed": 0, "summary": "no foldable MatMul input"})
+            return StatsResult(ir.from_proto(proto), modified=False, stats={"smoothed": 0, "summary": "no MatMul input to smooth"})
         batches, n = [], 0
         for batch in self.context.calibration():
             batches.append(batch)
@@ -93,24 +114,44 @@ class SmoothQuant(EdgepipePass):
         with contextlib.redirect_stdout(io.StringIO()):
             peaks = channel_max(proto, [s["act"] for s in sites], batches)
         inits = {i.name: i for i in proto.graph.initializer}
-        smoothed, ratios = [], []
+        smoothed, ratios, inserted = [], [], 0
         for site in sites:
             act = peaks[site["act"]]
+            weights = [numpy_helper.to_array(inits[m.input[1]]) for m in site["matmuls"]]
             ratio = float(act.max() / max(np.median(act), 1e-12))
-            if ratio < c.min_ratio:
+            if ratio < c.min_ratio or any(w.shape[0] != act.shape[0] for w in weights):
                 continue
-            w_init = inits[site["matmul"].input[1]]
-            w = numpy_helper.to_array(w_init)
-            w_max = np.abs(w).max(1)
+            w_max = np.max([np.abs(w).max(1) for w in weights], axis=0)  # Q, K and V share one scale
             s = np.power(np.maximum(act, 1e-5), c.alpha) / np.power(np.maximum(w_max, 1e-5), 1 - c.alpha)
             s = np.clip(s, 1e-2, 1e2).astype(np.float32)
-            scalar = numpy_helper.to_array(inits[site["const"]]).reshape(())
-            name = site["mul"].name + "_smoothquant_scale"  # its own constant: the scalar may be shared
-            proto.graph.initializer.append(numpy_helper.from_array((scalar / s).astype(np.float32), name))
-            site["mul"].input[site["k"]] = name
-            w_init.CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), w_init.name))
-            smoothed.append(site["matmul"].name)
+            for matmul, w in zip(site["matmuls"], weights, strict=True):
+                inits[matmul.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), matmul.input[1]))
+            if site["mode"] == "fold":
+                scalar = numpy_helper.to_array(inits[site["const"]]).reshape(())
+                name = site["mul"].name + "_smoothquant_scale"  # its own constant: the scalar may be shared
+                proto.graph.initializer.append(numpy_helper.from_array((scalar / s).astype(np.float32), name))
+                site["mul"].input[site["k"]] = name
+            else:
+                _insert_mul(proto, site, (1.0 / s).astype(np.float32))
+                inserted += 1
+            smoothed += [m.name for m in site["matmuls"]]
             ratios.append(round(ratio, 1))
-        stats = {"smoothed": len(smoothed), "nodes": smoothed, "outlier_ratio": ratios, "alpha": c.alpha, "samples": n}
-        stats["summary"] = f"smoothed {len(smoothed)} MatMul inputs (max/median channel ratio {min(ratios, default=0)}–{max(ratios, default=0)})"
+        stats = {"smoothed": len(smoothed), "nodes": smoothed, "inserted": inserted, "outlier_ratio": ratios, "alpha": c.alpha, "samples": n}
+        stats["summary"] = (
+            f"smoothed {len(smoothed)} MatMuls ({inserted} Mul inserted; max/median channel ratio "
+            f"{min(ratios, default=0)}–{max(ratios, default=0)})"
+        )
         return StatsResult(ir.from_proto(proto), modified=bool(smoothed), stats=stats)
+
+
+def _insert_mul(proto: onnx.ModelProto, site: dict[str, Any], inverse: np.ndarray) -> None:
+    """``act * (1/s)`` placed before the first MatMul that reads it; only those MatMuls read the result."""
+    act, first = site["act"], site["matmuls"][0]
+    stem = first.name or act
+    scale, out = f"{stem}/smoothquant/inv_scale", f"{stem}/smoothquant/output"
+    proto.graph.initializer.append(numpy_helper.from_array(inverse, scale))
+    produced = {m.output[0] for m in site["matmuls"]}
+    for matmul in site["matmuls"]:
+        matmul.input[0] = out
+    index = min(i for i, n in enumerate(proto.graph.node) if n.output and n.output[0] in produced)
+    proto.graph.node.insert(index, helper.make_node("Mul", [act, scale], [out], name=f"{stem}/smoothquant/Mul"))

@@ -89,3 +89,91 @@ def test_unknown_fuse_option_is_rejected(tmp_path):
         create({"name": "fuse.transformer", "keep": "maybe"}, PassContext(workdir=Path(tmp_path)))
     with pytest.raises(BadInput, match="unknown option 'bogus'"):
         create({"name": "fuse.transformer", "bogus": 1}, PassContext(workdir=Path(tmp_path)))
+
+
+def _post_norm_block() -> onnx.ModelProto:
+    """A LayerNorm output read by two MatMuls (like Q and K) and by a residual Add, as in post-LN BERT."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8] x) => (float[N, 4] q, float[N, 4] k, float[N, 8] r) {
+        h = LayerNormalization (x, gamma, beta)
+        q = MatMul (h, wq)
+        k = MatMul (h, wk)
+        r = Add (h, x)
+    }""")
+    gamma = np.ones(8, np.float32)
+    gamma[5] = 40.0  # the outlier channel, as BERT's LayerNorm weight makes it
+    for name, value in {"gamma": gamma, "beta": np.zeros(8, np.float32),
+                        "wq": RNG.standard_normal((8, 4)).astype(np.float32),
+                        "wk": RNG.standard_normal((8, 4)).astype(np.float32)}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    for i, n in enumerate(model.graph.node):
+        n.name = f"n{i}"
+    return model
+
+
+def test_smoothquant_insert_puts_one_mul_before_the_matmuls_and_leaves_the_residual(tmp_path):
+    x = RNG.standard_normal((64, 8)).astype(np.float32)
+    model = _post_norm_block()
+    ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
+    assert not create({"name": "smoothquant"}, ctx)(ir.from_proto(model)).modified  # nothing to fold into
+    result = create({"name": "smoothquant", "insert": True}, ctx)(ir.from_proto(model))
+    out = ir.to_proto(result.model)
+    assert result.stats["smoothed"] == 2 and result.stats["inserted"] == 1
+    muls = [n for n in out.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 1 and muls[0].input[0] == "h"
+    readers = {n.op_type: n.input[0] for n in out.graph.node if n.op_type in ("MatMul", "Add")}
+    assert readers["MatMul"] == muls[0].output[0] and readers["Add"] == "h"  # the residual reads the unscaled value
+    session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for got, want in zip(session.run(None, {"x": x}), reference.run(None, {"x": x}), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(out)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(muls[0].output[0]))
+    seen = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run([muls[0].output[0]], {"x": x})[0]
+    h = reference.run(None, {"x": x})[2] - x
+    ratio = lambda a: np.abs(a).max(0).max() / np.median(np.abs(a).max(0))  # noqa: E731
+    assert ratio(seen) < ratio(h) / 2
+
+
+def _gelu_ffn_out() -> onnx.ModelProto:
+    """An Erf GELU (the exporter's form) feeding a MatMul: ORT fuses it only while the 0.5 stays a scalar."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8] x) => (float[N, 4] y) <float root2 = {1.4142135}, float one = {1.0}, float half = {0.5}> {
+        d = Div (x, root2)
+        e = Erf (d)
+        a = Add (e, one)
+        m = Mul (x, a)
+        h = Mul (m, half)
+        y = MatMul (h, w)
+    }""")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(RNG.standard_normal((8, 4)).astype(np.float32), "w"))
+    for i, n in enumerate(model.graph.node):
+        n.name = f"n{i}"
+    return model
+
+
+def test_smoothquant_insert_keeps_the_gelu_pattern_fusable(tmp_path):
+    x = RNG.standard_normal((64, 8)).astype(np.float32)
+    x[:, 2] *= 30
+    model = _gelu_ffn_out()
+    ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
+    folded = ir.to_proto(create({"name": "smoothquant"}, ctx)(ir.from_proto(model)).model)
+    inserted = ir.to_proto(create({"name": "smoothquant", "insert": True}, ctx)(ir.from_proto(model)).model)
+    assert [n.op_type for n in folded.graph.node] == [n.op_type for n in model.graph.node]  # folded into the 0.5
+    assert [n.op_type for n in inserted.graph.node][-2:] == ["Mul", "MatMul"] and len(inserted.graph.node) == 7
+    half = next(n for n in inserted.graph.node if n.name == "n4")
+    assert half.input[1] == "half"  # the GELU's scalar is untouched
+    for candidate in (folded, inserted):
+        np.testing.assert_allclose(_run(candidate, x), _run(model, x), rtol=1e-4, atol=1e-3)
+    assert "Gelu" in _ort_ops(inserted, tmp_path) and "Gelu" not in _ort_ops(folded, tmp_path)
+
+
+def _ort_ops(model: onnx.ModelProto, tmp_path: Path) -> set[str]:
+    """Op types of the graph ORT runs after its own session-time fusions."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
