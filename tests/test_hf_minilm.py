@@ -27,7 +27,10 @@ accuracy: {metric: cosine, min_value: 0.97, output: sentence_embedding}
 targets:
   cpu:
     passes:
+      - {name: cleanup}
+      - {name: smoothquant, insert: true, min_ratio: 3}
       - {name: quantize.dynamic, per_channel: true, reduce_range: false}
+      - {name: unfuse.skiplayernorm}
 """
 
 
@@ -105,6 +108,12 @@ def test_cpu_int8_on_a_slice_keeps_the_embedding_and_ships_the_tokenizer(slice_r
     assert m["files"]["tokenizer/tokenizer.json"] == file_sha256(tok)
     model = onnx.load(str(result.folder / "model.onnx"))
     assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == 36
+    passes = {p["name"]: p["stats"] for p in m["passes"]}
+    # the [CLS] outliers after each LayerNorm: Q/K/V (one shared Mul) and FFN-in of every layer
+    assert passes["smoothquant"]["inserted"] >= 12
+    producer = {o: n for n in model.graph.node for o in n.output}
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 13 and all(producer[n.input[0]].op_type == "Sum" for n in norms)
 
 
 def test_pkg_paths_and_text_data_errors_are_one_line(tmp_path):
