@@ -137,18 +137,22 @@ def test_smoothquant_insert_puts_one_mul_before_the_matmuls_and_leaves_the_resid
     assert ratio(seen) < ratio(h) / 2
 
 
+def _erf_gelu(x: str) -> str:
+    """h = GELU(x) the way the exporter writes it (ORT fuses it only while the 0.5 stays a scalar)."""
+    return f"d = Div ({x}, root2)\n e = Erf (d)\n a = Add (e, one)\n m = Mul ({x}, a)\n h = Mul (m, half)\n"
+
+
+GELU_CONSTANTS = "<float root2 = {1.4142135}, float one = {1.0}, float half = {0.5}>"
+
+
 def _gelu_ffn_out() -> onnx.ModelProto:
-    """An Erf GELU (the exporter's form) feeding a MatMul: ORT fuses it only while the 0.5 stays a scalar."""
-    model = onnx.parser.parse_model("""
+    """An Erf GELU feeding a MatMul."""
+    model = onnx.parser.parse_model(f"""
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 8] x) => (float[N, 4] y) <float root2 = {1.4142135}, float one = {1.0}, float half = {0.5}> {
-        d = Div (x, root2)
-        e = Erf (d)
-        a = Add (e, one)
-        m = Mul (x, a)
-        h = Mul (m, half)
+    g (float[N, 8] x) => (float[N, 4] y) {GELU_CONSTANTS} {{
+        {_erf_gelu("x")}
         y = MatMul (h, w)
-    }""")
+    }}""")
     model.graph.initializer.append(onnx.numpy_helper.from_array(RNG.standard_normal((8, 4)).astype(np.float32), "w"))
     for i, n in enumerate(model.graph.node):
         n.name = f"n{i}"
@@ -177,3 +181,65 @@ def _ort_ops(model: onnx.ModelProto, tmp_path: Path) -> set[str]:
     options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def _ffn(outlier: float = 8.0, hidden: int = 256) -> onnx.ModelProto:
+    """x → MatMul(w1) → Add(b1) → Erf GELU → MatMul(w2): BERT's FFN, one hidden channel made an outlier."""
+    model = onnx.parser.parse_model(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T, 4] x) => (float[N, T, 4] y) {GELU_CONSTANTS} {{
+        p = MatMul (x, w1)
+        z = Add (p, b1)
+        {_erf_gelu("z")}
+        y = MatMul (h, w2)
+    }}""")
+    w1 = RNG.standard_normal((4, hidden)).astype(np.float32)
+    b1 = RNG.standard_normal(hidden).astype(np.float32)
+    w1[:, 5] *= outlier
+    b1[5] = 4 * outlier
+    for name, value in {"w1": w1, "b1": b1, "w2": RNG.standard_normal((hidden, 4)).astype(np.float32)}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    for i, n in enumerate(model.graph.node):
+        n.name = f"n{i}"
+    return model
+
+
+@pytest.mark.parametrize("insert", [True, False])
+def test_smoothquant_split_copies_outlier_channels_exactly(tmp_path, insert):
+    x = RNG.standard_normal((4, 6, 4)).astype(np.float32)
+    model = _ffn()
+    ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
+    result = create({"name": "smoothquant", "insert": insert, "split": 1.5, "min_ratio": 2.0}, ctx)(ir.from_proto(model))
+    out = ir.to_proto(result.model)
+    extra = result.stats["split_channels"]["n7"]
+    assert extra >= 1 and result.stats["inserted"] == int(insert)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    first, last = (next(n for n in out.graph.node if n.name == k) for k in ("n0", "n7"))
+    assert inits[first.input[1]].shape == (4, 256 + extra) and inits[last.input[1]].shape == (256 + extra, 4)
+    assert inits["w1"].shape == (4, 256)  # new initializers; the originals are untouched
+    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-3)
+    # what the second MatMul now reads: no channel over 1.5x the 99th percentile of the original maxima
+    before = np.abs(_hidden(model, x)).reshape(-1, 256).max(0)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(out)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(last.input[0]))
+    seen = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run([last.input[0]], {"x": x})[0]
+    peak = np.abs(seen).reshape(-1, seen.shape[-1]).max(0)
+    assert before.max() > 3 * np.percentile(before, 99) and peak.max() <= 1.5 * np.percentile(before, 99) * 1.001
+    if insert:
+        assert {"Gelu", "BiasGelu"} & _ort_ops(out, tmp_path)  # the scalar 0.5 stays, so ORT still fuses the GELU
+
+
+def _hidden(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info("h"))
+    return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["h"], {"x": x})[0]
+
+
+def test_smoothquant_split_needs_a_channelwise_path(tmp_path):
+    """A LayerNorm between the MatMuls mixes channels: no split, plain smoothing instead."""
+    x = RNG.standard_normal((64, 8)).astype(np.float32)
+    ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
+    result = create({"name": "smoothquant", "insert": True, "split": 1.5}, ctx)(ir.from_proto(_post_norm_block()))
+    assert "split_channels" not in result.stats and result.stats["inserted"] == 1

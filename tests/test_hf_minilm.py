@@ -28,7 +28,7 @@ targets:
   cpu:
     passes:
       - {name: cleanup}
-      - {name: smoothquant, insert: true, min_ratio: 3}
+      - {name: smoothquant, insert: true, min_ratio: 3, split: 1.2}
       - {name: quantize.dynamic, per_channel: true, reduce_range: false}
       - {name: unfuse.skiplayernorm}
 """
@@ -111,6 +111,8 @@ def test_cpu_int8_on_a_slice_keeps_the_embedding_and_ships_the_tokenizer(slice_r
     passes = {p["name"]: p["stats"] for p in m["passes"]}
     # the [CLS] outliers after each LayerNorm: Q/K/V (one shared Mul) and FFN-in of every layer
     assert passes["smoothquant"]["inserted"] >= 12
+    split = passes["smoothquant"]["split_channels"]  # GELU outputs: outlier channels copied, not scaled
+    assert split and all(name.endswith("output/dense/MatMul") and n > 0 for name, n in split.items())
     producer = {o: n for n in model.graph.node for o in n.output}
     norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
     assert len(norms) == 13 and all(producer[n.input[0]].op_type == "Sum" for n in norms)
