@@ -3,6 +3,8 @@
 Folded where it costs nothing (a ``Mul`` by a scalar constant takes the per-channel ``1/s``); with
 ``insert: true`` every other MatMul input with outlier channels gets one ``Mul`` by ``1/s`` in front of the
 MatMuls that read it (BERT's post-LayerNorm Q/K/V and FFN-in inputs, which also feed the residual).
+With ``split``, an input made by a MatMul through elementwise ops only (an FFN's GELU output) has its
+outlier channels split into copies instead (OCS), which leaves the weights' range as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 from onnx import helper, numpy_helper
 from pydantic import Field
 
-UNARY = {"Erf", "Relu", "Tanh", "Sigmoid", "Gelu", "FastGelu", "Neg", "Abs", "Identity"}
+UNARY = {"Erf", "Relu", "Tanh", "Sigmoid", "Gelu", "Neg", "Abs", "Identity"}  # one input, channel j → channel j
 BINARY = {"Add", "Sub", "Mul", "Div"}
 
 
@@ -267,8 +269,12 @@ def _split_channels(proto: onnx.ModelProto, site: dict[str, Any], source: dict[s
         mul = nodes[site["mul"].output[0]]
         c = numpy_helper.to_array(consts[site["const"]]).reshape(())
         mul.input[site["k"]] = renamed(site["const"], c * scale, "scale")
-    stale = set(source["inner"]) | {src.output[0], site["act"]}
+    stale = set(source["inner"]) | {src.output[0], site["act"]}  # their recorded shapes are one width short now
     kept = [v for v in graph.value_info if v.name not in stale]
     del graph.value_info[:]
     graph.value_info.extend(kept)
+    used = {i for n in graph.node for i in n.input}
+    unused = [i for i in graph.initializer if i.name not in used]  # the narrower originals, unless shared
+    for init in unused:
+        graph.initializer.remove(init)
     return int(idx.size)
