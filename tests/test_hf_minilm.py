@@ -152,5 +152,5 @@ def test_dry_run_reads_text_data_with_the_models_tokenizer(tmp_path, capsys):
     assert main(["build", str(MINILM / "recipe.yaml"), "--dry-run", "-o", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "calibration data: inputs ['attention_mask', 'input_ids'] match the model" in out
-    assert "target mobile: passes cleanup → quantize.auto → shapes.fix" in out
+    assert "target mobile: passes cleanup → smoothquant → quantize.auto → shapes.fix → unfuse.skiplayernorm" in out
     assert not any(tmp_path.iterdir())  # nothing was built
