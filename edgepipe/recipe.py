@@ -103,11 +103,13 @@ class TargetSpec(Strict):
     """Per-target overrides; anything left out takes the target's defaults."""
 
     passes: list[dict[str, Any]] | None = None
+    # gpu only: the chain of the TensorRT int8 model (default: cleanup, optimize.ort basic, quantize.tensorrt)
+    int8_passes: list[dict[str, Any]] | None = None
     shapes: dict[str, list[int]] | None = None
     accuracy: AccuracySpec | None = None
     runtime: dict[str, str] | None = None
 
-    @field_validator("passes")
+    @field_validator("passes", "int8_passes")
     @classmethod
     def _passes(cls, passes: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         from edgepipe.passes import validate_spec
@@ -203,6 +205,10 @@ class Recipe(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"input names repeat: {names}")
         for target, spec in self.targets.items():
+            if spec.int8_passes is not None and target != "gpu":
+                raise ValueError(f"targets.{target}.int8_passes is for the gpu target's int8 model; move it under targets.gpu")
+            if spec.int8_passes is not None and [p.get("name") for p in spec.int8_passes][-1:] != ["quantize.tensorrt"]:
+                raise ValueError("targets.gpu.int8_passes must end with {name: quantize.tensorrt} (it makes the int8 model)")
             for key in spec.shapes or {}:
                 if self.inputs and key not in names:
                     raise ValueError(f"targets.{target}.shapes names '{key}', not an input; inputs: {names}")
@@ -278,7 +284,7 @@ def _format_error(err: dict[str, Any]) -> str:
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
     value = err.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict | list) and value is not None else ""
-    return f"recipe: {where}: {msg}{shown}"
+    return f"recipe: {where}: {msg}{shown}" if loc else f"recipe: {msg}"  # whole-recipe checks name their own keys
 
 
 def parse_recipe(data: Any, base_dir: Path) -> Recipe:

@@ -38,7 +38,7 @@ class GpuTarget(Target):
         models = [Variant("main", self.passes(ctx))]
         if ctx.has_calibration:
             int8 = [{"name": "cleanup"}, {"name": "optimize.ort", "level": "basic"}, {"name": "quantize.tensorrt"}]
-            models.append(Variant("int8", int8))
+            models.append(Variant("int8", list(ctx.spec.int8_passes) if ctx.spec.int8_passes is not None else int8))
         return models
 
     def emit(self, model: ir.Model, folder: Path, ctx: TargetContext, variant: str = "main") -> Emitted:

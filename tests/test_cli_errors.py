@@ -25,6 +25,10 @@ CASES = {
     "not yaml": ("name: [unclosed\n", "not valid YAML"),
     "not a mapping": ("- just\n- a list\n", "must be a YAML mapping"),
     "bad name": (GOOD.replace("name: digits-cnn", "name: ../escape"), "recipe: name"),
+    "int8_passes off gpu": (GOOD.replace("targets: [cpu]", "targets: {cpu: {int8_passes: [{name: quantize.tensorrt}]}}"),
+                            "is for the gpu target's int8 model"),
+    "int8_passes without quantize.tensorrt": (GOOD.replace("targets: [cpu]", "targets: {gpu: {int8_passes: [{name: cleanup}]}}"),
+                                              "must end with {name: quantize.tensorrt}"),
 }
 
 
