@@ -28,7 +28,7 @@ from edgepipe.evaluator import Evaluator
 from edgepipe.executor import current_map, evaluate_batches
 from edgepipe.export import Source, describe_values, load_source
 from edgepipe.passes import PassContext, create, model_stats
-from edgepipe.passes.base import load
+from edgepipe.passes.base import default_opset, load
 from edgepipe.recipe import AccuracySpec, Recipe
 from edgepipe.runtime import Runner, pad_tokens
 from edgepipe.targets import TARGETS, Emitted, Target, TargetContext, compat
@@ -338,7 +338,7 @@ def _io(path: Path) -> tuple[list[dict], list[dict], int, int]:
     m = onnx.load(str(path), load_external_data=False)
     desc = describe_values
     inits = {i.name for i in m.graph.initializer}
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(m) or 0
     return desc(v for v in m.graph.input if v.name not in inits), desc(m.graph.output), opset, m.ir_version
 
 

@@ -91,6 +91,11 @@ def quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
+def default_opset(proto: onnx.ModelProto) -> int | None:
+    """The model's ai.onnx opset version (None when it imports none)."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def clone(model: ir.Model) -> ir.Model:
     """A deep copy (round trip through the proto; weights are copied)."""
     return ir.from_proto(ir.to_proto(model))

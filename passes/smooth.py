@@ -136,24 +136,21 @@ class SmoothQuant(EdgepipePass):
             source = _channel_source(proto, site, len(act)) if c.split else None
             extra = _split_channels(proto, site, source, act, c.split, c.max_copies) if source else 0
             if extra:  # split instead of smoothed (nothing over the limit: smoothed as usual)
-                inserted += site["mode"] == "insert"
                 split[site["matmuls"][0].name] = extra
-                smoothed += [m.name for m in site["matmuls"]]
-                ratios.append(round(ratio, 1))
-                continue
-            w_max = np.max([np.abs(w).max(1) for w in weights], axis=0)  # Q, K and V share one scale
-            s = np.power(np.maximum(act, 1e-5), c.alpha) / np.power(np.maximum(w_max, 1e-5), 1 - c.alpha)
-            s = np.clip(s, 1e-2, 1e2).astype(np.float32)
-            for matmul, w in zip(site["matmuls"], weights, strict=True):
-                inits[matmul.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), matmul.input[1]))
-            if site["mode"] == "fold":
-                scalar = numpy_helper.to_array(inits[site["const"]]).reshape(())
-                name = site["mul"].name + "_smoothquant_scale"  # its own constant: the scalar may be shared
-                proto.graph.initializer.append(numpy_helper.from_array((scalar / s).astype(np.float32), name))
-                site["mul"].input[site["k"]] = name
             else:
-                _insert_mul(proto, site, (1.0 / s).astype(np.float32))
-                inserted += 1
+                w_max = np.max([np.abs(w).max(1) for w in weights], axis=0)  # Q, K and V share one scale
+                s = np.power(np.maximum(act, 1e-5), c.alpha) / np.power(np.maximum(w_max, 1e-5), 1 - c.alpha)
+                s = np.clip(s, 1e-2, 1e2).astype(np.float32)
+                for matmul, w in zip(site["matmuls"], weights, strict=True):
+                    inits[matmul.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), matmul.input[1]))
+                if site["mode"] == "fold":
+                    scalar = numpy_helper.to_array(inits[site["const"]]).reshape(())
+                    name = site["mul"].name + "_smoothquant_scale"  # its own constant: the scalar may be shared
+                    proto.graph.initializer.append(numpy_helper.from_array((scalar / s).astype(np.float32), name))
+                    site["mul"].input[site["k"]] = name
+                else:
+                    _insert_mul(proto, site, (1.0 / s).astype(np.float32))
+            inserted += site["mode"] == "insert"
             smoothed += [m.name for m in site["matmuls"]]
             ratios.append(round(ratio, 1))
         stats = {"smoothed": len(smoothed), "nodes": smoothed, "inserted": inserted, "outlier_ratio": ratios, "alpha": c.alpha, "samples": n}

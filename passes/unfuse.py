@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, default_opset
 
 MS = "com.microsoft"
 
 
 class UnfuseConfig(PassConfig):
     pass
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _fresh(taken: set[str], stem: str) -> str:
@@ -104,7 +100,7 @@ class UnfuseSkipLayerNorm(EdgepipePass):
 
     def call(self, model: ir.Model) -> StatsResult:
         proto = ir.to_proto(model)
-        opset = _default_opset(proto)
+        opset = default_opset(proto) or 0
         graph = proto.graph
         rewritten = _add_to_sum(graph) if opset >= 8 else 0
         n_skip = sum(1 for n in graph.node if n.op_type == "SkipLayerNormalization" and n.domain == MS)

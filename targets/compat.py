@@ -7,6 +7,7 @@ import io
 
 import onnx
 import onnx_ir as ir
+from edgepipe.passes.base import default_opset
 from onnx import version_converter
 
 from edgepipe.errors import BadInput, one_line
@@ -51,7 +52,7 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
     """Convert ``model`` down to what onnxruntime ``version`` loads, or raise BadInput naming the node."""
     max_opset, max_ir = ORT_LIMITS[version]
     proto = ir.to_proto(model)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(proto)
     info = {"onnxruntime": version, "max_opset": max_opset, "max_ir_version": max_ir, "opset_before": opset,
             "ir_version_before": proto.ir_version}
     if opset is not None and opset > max_opset:
@@ -70,7 +71,7 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise BadInput(one_line(f"runtime onnxruntime {version}: the capped model does not check: {exc}")) from None
-    after = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    after = default_opset(proto)
     info |= {"opset": after, "ir_version": proto.ir_version}
     return ir.from_proto(proto), info
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import save
+from edgepipe.passes.base import default_opset, save
 from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from onnxruntime.tools.mobile_helpers import usability_checker as uc
@@ -102,7 +102,7 @@ class MobileTarget(Target):
             shutil.rmtree(work, ignore_errors=True)
         report = usability(proto)
         (folder / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = default_opset(proto) or 0
         summary = {ep: {k: v for k, v in r.items() if k not in ("unsupported_nodes", "caveats")} for ep, r in report.items()}
         extras = {
             "opset": opset,
