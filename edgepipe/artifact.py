@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import BadInput
+from edgepipe.sign import SIGNATURE  # written after the manifest, over every other file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,11 +36,11 @@ def sha256_file(path: Path) -> str:
 
 
 def hash_tree(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` except the manifest, keyed by posix path."""
+    """sha256 of every file under ``folder`` except the manifest and the signature, keyed by posix path."""
     return {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST
+        if p.is_file() and p.relative_to(folder).as_posix() not in (MANIFEST, SIGNATURE)
     }
 
 

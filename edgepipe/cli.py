@@ -10,6 +10,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgepipe import sign
 from edgepipe.errors import BadInput, EdgepipeError, one_line
 
 INTERNAL_ERROR = 3
@@ -24,6 +25,7 @@ def _console():
 
 def cmd_build(args: argparse.Namespace) -> int:
     from edgepipe.recipe import load_recipe
+    from edgepipe.sign import build_signer, sign_published
 
     if len(args.recipe) > 1 or args.executor != "local" or args.jobs > 1 or args.address:
         from edgepipe.multibuild import cmd_build_many
@@ -44,12 +46,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     from edgepipe.progress import Progress
     from edgepipe.report import write_report
 
+    signer = build_signer(args)  # a bad key is exit 2 before any work
     # With --json, stdout carries only the JSON summary; progress goes to stderr.
     progress = Progress(quiet=args.quiet, stream=sys.stderr if args.json else sys.stdout)
     try:
         results = build(recipe, out, only=only, force=args.force, log=progress)
     finally:
         progress.close()
+    sign_published([r.folder for r in results], signer)
     archives = {}
     if args.archive:
         for r in results:
@@ -123,14 +127,16 @@ def _summary(results, report: Path, quiet: bool) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from edgepipe.archive import extracted, is_archive
+    from edgepipe.sign import verify_trust
     from edgepipe.verify import junit_xml, verify
 
     folder = Path(args.artifact)
+    trust = verify_trust(args)
     if is_archive(folder):
         with extracted(folder) as inner:
-            checks = verify(inner)
+            checks = verify(inner, trust)
     elif folder.is_dir():
-        checks = verify(folder)
+        checks = verify(folder, trust)
     else:
         raise BadInput(f"{folder} is not an artifact folder or .tar.gz; pass OUT/<name>/<target> or its archive")
     for c in checks:
@@ -216,10 +222,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--address", help="Ray cluster to use: auto, HOST:PORT or ray://HOST:10001 (default: start a local Ray)")
     b.add_argument("--jobs", type=_positive, default=1, help="local: process-pool size; ray: CPUs of the local Ray")
     b.add_argument("--retries", type=_positive0, default=3, help="reruns of a unit whose worker died (default: 3)")
+    sign.add_build_options(b)
     b.set_defaults(func=cmd_build)
     v = sub.add_parser("verify", help="re-hash an artifact and rerun its golden I/O")
     v.add_argument("artifact", help="artifact folder or its .tar.gz")
     v.add_argument("--junit", help="write a JUnit XML report here")
+    sign.add_verify_options(v)
     v.set_defaults(func=cmd_verify)
     be = sub.add_parser("bench", help="latency, throughput, load time, peak memory")
     be.add_argument("artifact")
@@ -233,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+    sign.add_command(sub)
     return p
 
 

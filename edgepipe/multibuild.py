@@ -10,6 +10,7 @@ from pathlib import Path
 from edgepipe.artifact import hash_tree, remove_stale, staging
 from edgepipe.errors import BadInput, CheckFailed
 from edgepipe.executor import Unit, UnitResult, import_ray, run_units
+from edgepipe.sign import build_signer, sign_published
 
 
 def plan(recipes: list[str], out: Path, only: list[str] | None, force: bool) -> list[Unit]:
@@ -65,6 +66,7 @@ def cmd_build_many(args: argparse.Namespace) -> int:
         print("dry run: passed (nothing was built)")
         return 0
     units = plan(args.recipe, out, only, args.force)
+    signer = build_signer(args)  # a bad key is exit 2 before any unit starts
     stream = sys.stderr if args.json else sys.stdout
     where = f"ray ({args.address or 'local'})" if args.executor == "ray" else (f"{args.jobs} local processes" if args.jobs > 1 else "in-process")
     if not args.quiet:
@@ -85,6 +87,7 @@ def cmd_build_many(args: argparse.Namespace) -> int:
                   f"{' on ' + r.where if r.where else ''}{': ' + r.error if r.error else ''}", file=stream, flush=True)
 
     results = run_units(units, args.executor, args.jobs, args.address, args.retries, on_done)
+    sign_published([r.folder for r in results], signer)
     reports, archives = {}, {}
     for name in dict.fromkeys(r.name for r in results):
         (out / name).mkdir(parents=True, exist_ok=True)

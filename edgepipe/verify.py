@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import zipfile
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from edgepipe.accuracy import compare
@@ -20,15 +22,23 @@ class Check:
     seconds: float = 0.0
 
 
-def verify(folder: Path) -> list[Check]:
-    """All checks, in order; golden I/O runs only when every hash matches."""
+def verify(folder: Path, trust: Any = None) -> list[Check]:
+    """All checks, in order; golden I/O runs only when every hash (and the signature, with ``trust``) matches.
+
+    ``trust``: a verifying config from ``edgepipe.sign.verifier`` (a public key or certificate chain).
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     checks = [_check_manifest(manifest), _check_files(folder, manifest["files"])]
+    if trust is not None:
+        from edgepipe.sign import check_signature
+
+        result = check_signature(folder, trust)
+        checks.append(Check("signature", result.passed, result.detail))
     if all(c.passed for c in checks):
         checks.extend(_check_golden(folder, manifest))
     else:
-        checks.append(Check("golden", False, "not run: the artifact's files do not match its manifest"))
+        checks.append(Check("golden", False, "not run: the artifact's files, manifest or signature do not check out"))
     return checks
 
 
@@ -68,7 +78,7 @@ def _check_model(folder: Path, entry: dict, prefix: str) -> list[Check]:
     name = golden.get("file", GOLDEN)
     try:
         inputs, expected, _ = load_golden(folder / name)
-    except (OSError, ValueError, KeyError) as exc:  # pickled or corrupt: never unpickled, never trusted
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # pickled or corrupt: never unpickled, never trusted
         return [Check("golden", False, f"{name} is unreadable without unpickling or corrupt: {exc}")]
     got = runner.run_samples(inputs)
     checks = []
