@@ -115,9 +115,10 @@ class AccuracyResult:
     budget: dict[str, float]
     passed: bool
     samples: int
+    outputs: dict[str, dict] | None = None  # every output's shape/dtype/finite/closeness check (edgepipe.outputs)
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def concat(batches: Sequence[Outputs]) -> Outputs:

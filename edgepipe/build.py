@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 import edgepipe
 from edgepipe import data as data_mod
-from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, measure, reference_value, resolve_metric
+from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, reference_value, resolve_metric
 from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
 from edgepipe.checks import data_warnings, speed_warning
@@ -27,6 +27,8 @@ from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.evaluator import Evaluator
 from edgepipe.executor import current_map, evaluate_batches
 from edgepipe.export import Source, describe_values, load_source
+from edgepipe.outputs import failure_reason, measure_every_output
+from edgepipe.outputs import problems as output_problems
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import default_opset, load
 from edgepipe.recipe import AccuracySpec, Recipe
@@ -246,7 +248,7 @@ def _build_target(
         with staging(final, force) as tmp:
             manifest = _check_and_write(recipe, target, tctx, source, ev, built, spec_acc, metric, tmp, log)
     except _Failed as failed:
-        return TargetResult(target.name, False, None, failed.manifest, "accuracy budget exceeded")
+        return TargetResult(target.name, False, None, failed.manifest, failure_reason(failed.manifest))
     return TargetResult(target.name, True, final, manifest)
 
 
@@ -272,9 +274,11 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
         emitted = target.emit(b.model, tmp, tctx, b.key)
         runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
         outputs = evaluate_batches(runner, tmp / emitted.model_file, ev.batches, emitted.providers, emitted.session_config)
-        acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)
+        acc = measure_every_output(spec_acc, metric, outputs, ev.reference, ev.labels)  # the budget, and every output's shape/dtype/NaN/closeness
         name = emitted.model_file
         log(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
+        for problem in output_problems(acc):
+            log(f"  check {name}: {problem}")
         golden_file = GOLDEN if b.key == "main" else f"golden.{b.key}.npz"
         quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
         golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}

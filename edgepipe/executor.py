@@ -182,7 +182,7 @@ def run_unit(unit: Unit) -> UnitResult:
     root = scratch_root()
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(root)  # what killed workers on this host left behind
-    work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
+    work = _work_folder(root)
     result = UnitResult(unit.recipe, unit.name, unit.target, "error", where=f"{socket.gethostname()}:{os.getpid()}")
     try:
         if unit.fanout == "ray":
@@ -204,6 +204,15 @@ def run_unit(unit: Unit) -> UnitResult:
         shutil.rmtree(work, ignore_errors=True)
     result.seconds = round(time.perf_counter() - start, 2)
     return result
+
+
+def _work_folder(root: Path) -> Path:
+    """A private folder under ``root``; a driver finishing at the same moment may remove ``root`` when empty."""
+    for _ in range(3):
+        root.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            return Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
 
 
 def _host_threads() -> None:
@@ -238,6 +247,8 @@ def run_units(units: list[Unit], executor: str = "local", jobs: int = 1, address
             results.append(run_unit(unit))
             done(results[-1])
     remove_stale(scratch_root())  # a worker killed on its last attempt left its scratch (on this host) behind
+    with contextlib.suppress(OSError):
+        scratch_root().rmdir()  # only when empty: no edgepipe folder stays in the system temp folder
     return results
 
 
@@ -300,7 +311,9 @@ def _run_ray(units: list[Unit], address: str | None, jobs: int, retries: int, do
             hint = "; check the address (auto, HOST:6379 or ray://HEAD:10001) and, for a cluster with token auth, set RAY_AUTH_MODE=token and its token" if address else ""
             raise BadInput(f"cannot start or reach Ray at {address or 'local'}: {one_line(str(exc))[:300]}{hint}") from None
     try:
-        task = ray.remote(num_cpus=1, max_retries=retries)(run_unit)
+        # Retried here, not with Ray's max_retries: Ray's own retries are invisible to the result (attempts=1).
+        task = ray.remote(num_cpus=1, max_retries=0)(run_unit)
+        attempts = [1] * len(units)
         refs = {task.remote(dataclasses.replace(u, fanout="ray")): i for i, u in enumerate(units)}
         results: list[UnitResult | None] = [None] * len(units)
         while refs:
@@ -308,9 +321,13 @@ def _run_ray(units: list[Unit], address: str | None, jobs: int, retries: int, do
             for ref in ready:
                 i = refs.pop(ref)
                 try:
-                    results[i] = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # the worker died on every attempt
-                    results[i] = _died(units[i], retries + 1, one_line(str(exc)).split(". ")[0][:200])
+                    results[i] = dataclasses.replace(ray.get(ref), attempts=attempts[i])
+                except ray.exceptions.RayError as exc:  # run_unit never raises: the worker (or its node) died
+                    if attempts[i] <= retries:
+                        attempts[i] += 1
+                        refs[task.remote(dataclasses.replace(units[i], fanout="ray"))] = i
+                        continue
+                    results[i] = _died(units[i], attempts[i], one_line(str(exc)).split(". ")[0][:200])
                 done(results[i])
         return [r for r in results if r is not None]
     finally:

@@ -90,6 +90,9 @@ class AccuracySpec(Strict):
     percent_max_drop: float | None = Field(default=None, ge=0, le=100)
     min_value: float | None = None
     output: str | None = None
+    # Every graph output, whichever the metric reads, must match the reference's shape and dtype, stay
+    # finite, and reach this mean per-sample cosine (share of equal elements for integer outputs).
+    outputs_min_cosine: float = Field(default=0.99, ge=-1, le=1)
 
     @field_validator("metric")
     @classmethod

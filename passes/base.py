@@ -66,7 +66,10 @@ class EdgepipePass(ir.passes.FunctionalPass):
 
     def __init__(self, config: PassConfig | None = None, context: PassContext | None = None) -> None:
         self.config = config if config is not None else self.Config()
-        self.context = context or PassContext(workdir=Path(tempfile.mkdtemp(prefix="edgepipe-")))
+        if context is None:  # used on its own (API, tests): a scratch folder removed with the pass (or at exit)
+            self._scratch = tempfile.TemporaryDirectory(prefix="edgepipe-")
+            context = PassContext(workdir=Path(self._scratch.name))
+        self.context = context
 
     def require_calibration(self) -> Callable[[], Iterable[Batch]]:
         """The calibration source, or one line telling the user to give one."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,33 @@ from edgepipe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"
+
+
+THIRD_PARTY_TEMP = {"torchinductor_root"}  # torch's compile cache (the exporter), reused across runs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_temp(tmp_path_factory):
+    """The system temp folder of this session: fresh, and at the end holding nothing edgepipe made.
+
+    tempfile's default and TMPDIR (spawned workers) point into it; pytest's own tmp_path stays where it
+    was. Ray keeps its session files in /tmp/ray (RAY_TMPDIR), not here. The folder is removed at the end.
+    """
+    tmp_path_factory.getbasetemp()  # before the switch: pytest's folders are not ours to judge
+    root = Path(tempfile.mkdtemp(prefix="ep-systemp-"))
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(root), str(root)
+    try:
+        yield root
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
+        left = sorted(p.name for p in root.iterdir() if p.name not in THIRD_PARTY_TEMP)
+        shutil.rmtree(root, ignore_errors=True)
+        assert not left, f"the tests left {left} in the system temp folder"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,30 @@
+"""Nothing edgepipe makes stays in the system temp folder."""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+
+from edgepipe.passes import PASSES
+from edgepipe.passes.base import load
+
+from edgepipe.executor import Unit, run_units
+
+
+def test_a_pass_without_a_context_removes_its_scratch_folder(digits_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    p = PASSES["cleanup"]()
+    assert [x.name.startswith("edgepipe-") for x in tmp_path.iterdir()] == [True]
+    model = p(load(digits_onnx)).model
+    del p
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
+    assert len(model.graph) > 0  # the model it returned does not live in the removed folder
+
+
+def test_a_unit_run_leaves_no_scratch_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("EDGEPIPE_SCRATCH", raising=False)
+    (result,) = run_units([Unit(str(tmp_path / "missing.yaml"), "x", "cpu")])
+    assert result.status == "error" and "missing.yaml" in result.error
+    assert list(tmp_path.iterdir()) == []
