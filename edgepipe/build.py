@@ -22,7 +22,7 @@ from edgepipe import data as data_mod
 from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, reference_value, resolve_metric
 from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
-from edgepipe.checks import data_warnings, speed_warning
+from edgepipe.checks import data_warnings, speed_note, speed_warning
 from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.evaluator import Evaluator
 from edgepipe.executor import current_map, evaluate_batches
@@ -293,8 +293,10 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
             # Speed check: int8 that is not faster than float on its runtime says so, with the likely cause.
             float_ms = latency(Runner(source.onnx_path, providers=emitted.providers), feed1)["p50_ms"]
             entry["latency"]["float_p50_ms"] = float_ms
-            slow = speed_warning(tmp / emitted.model_file, lat["p50_ms"], float_ms)
+            slow = speed_warning(tmp / emitted.model_file, lat["p50_ms"], float_ms, emitted.providers, runner.providers)
             entry["warnings"] += [f"{name}: {slow}"] if slow else []
+            if note := speed_note(emitted.providers, runner.providers, lat["p50_ms"], float_ms):  # e.g. TensorRT int8 on CPU
+                entry["latency"]["note"] = note
         entries.append((b.key, acc, entry))
     passed = all(acc.passed for _, acc, _ in entries)
     manifest = dict(entries[0][2])  # the primary model's fields stay at the top level

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"
 
 
-THIRD_PARTY_TEMP = {"torchinductor_root"}  # torch's compile cache (the exporter), reused across runs
+# Not ours: torch's compile cache (the exporter), onnxruntime's telemetry session file (its 1DS SDK), Ray's session logs.
+THIRD_PARTY_TEMP = {"torchinductor_root", ".ses", "ray"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,3 +82,15 @@ def digits_onnx(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("digits-onnx")
     source = export_torch(load_recipe(DIGITS / "recipe.yaml"), work, None)
     return save(PASSES["cleanup"]()(load(source.onnx_path)).model, work / "digits.onnx")
+
+
+def ec_keypair(folder: Path, name: str = "key"):
+    """A fresh EC P-256 signing key: (private PEM path, public PEM path, key object); never committed."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
+    return private, public, key

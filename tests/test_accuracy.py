@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -16,7 +18,7 @@ from edgepipe.accuracy import (
     reference_value,
     resolve_metric,
 )
-from edgepipe.checks import data_warnings, speed_warning
+from edgepipe.checks import data_warnings, speed_note, speed_warning
 from edgepipe.errors import BadInput
 from edgepipe.recipe import AccuracySpec
 
@@ -142,3 +144,17 @@ def test_speed_warning_names_the_quantization_nodes(tmp_path):
     warning = speed_warning(tmp_path / "m.onnx", 2.0, 1.0)
     assert "not faster than float32" in warning and "1 DequantizeLinear" in warning and "MatMul" in warning
     assert "0 int8 kernels" in warning
+    # Built for TensorRT, timed on ORT's CPU provider (emulated Q/DQ): slower is expected, so no warning, a note.
+    trt = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert speed_warning(tmp_path / "m.onnx", 2.0, 1.0, trt, ["CPUExecutionProvider"]) is None
+    assert speed_note(trt, ["CPUExecutionProvider"], 2.0, 1.0) is not None
+    assert speed_note(["CPUExecutionProvider"], ["CPUExecutionProvider"], 2.0, 1.0) is None
+    assert speed_warning(tmp_path / "m.onnx", 2.0, 1.0, trt, ["TensorrtExecutionProvider"]) is not None  # on TensorRT itself: a warning
+
+
+def test_gpu_int8_timed_on_cpu_is_a_note_not_a_warning(digits_build):
+    manifest = json.loads((digits_build / "gpu" / "manifest.json").read_text())
+    (int8,) = [m for m in manifest["models"] if m["model_file"] == "model.int8.qdq.onnx"]
+    assert int8["runtime"]["providers"][0] == "CPUExecutionProvider"  # no TensorRT here
+    assert not [w for w in manifest["warnings"] if w.startswith("model.int8.qdq.onnx")]
+    assert int8["latency"].get("note") and int8["latency"]["float_p50_ms"] > 0

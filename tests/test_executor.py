@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS, write_recipe
+from conftest import DIGITS, ec_keypair, write_recipe
 
 from edgepipe.cli import main
 
@@ -153,7 +153,8 @@ def test_process_pool_resubmits_after_a_dead_worker(tmp_path, capsys):
     broken = _recipe(tmp_path / "broken", "digits-broken", model="bad.py:build",
                      files={"bad.py": "def build():\n    raise RuntimeError('weights file is missing')\n"})
     out = tmp_path / "pool-out"
-    rc = main(["build", crash, broken, "-o", str(out), "--jobs", "2", "--json", "--archive"])
+    key, pub, _ = ec_keypair(tmp_path)
+    rc = main(["build", crash, broken, "-o", str(out), "--jobs", "2", "--json", "--archive", "--sign-key", str(key)])
     captured = capsys.readouterr()
     assert rc == 1, captured.err
     units = {u["name"]: u for u in json.loads(captured.out)["units"]}
@@ -161,7 +162,7 @@ def test_process_pool_resubmits_after_a_dead_worker(tmp_path, capsys):
     assert units["digits-broken"]["status"] == "error" and "weights file is missing" in units["digits-broken"]["error"]
     assert (tmp_path / "crash" / "crashed.marker").exists()
     assert main(["verify", str(out / "digits-crash" / "cpu")]) == 0
-    assert main(["verify", units["digits-crash"]["archive"]]) == 0
+    assert main(["verify", units["digits-crash"]["archive"], "--public-key", str(pub)]) == 0  # signed by the driver, then packed
     assert not (out / "digits-broken" / "cpu").exists()
     _no_leftovers(out)
 

@@ -9,28 +9,19 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS
+from conftest import DIGITS, ec_keypair
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgepipe.artifact import hash_tree, manifest_digest, read_manifest, sha256_file
 from edgepipe.cli import main
 
 
-def _keypair(folder: Path, name: str) -> tuple[Path, Path, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public, key
-
-
 @pytest.fixture
 def keys(tmp_path) -> dict[str, Path]:
-    key, pub, _ = _keypair(tmp_path, "key")
-    _, other_pub, _ = _keypair(tmp_path, "other")
+    key, pub, _ = ec_keypair(tmp_path, "key")
+    _, other_pub, _ = ec_keypair(tmp_path, "other")
     return {"key": key, "pub": pub, "other_pub": other_pub}
 
 
@@ -83,7 +74,7 @@ def test_wrong_key_missing_signature_and_bad_key(artifact, keys, tmp_path, capsy
     assert main(["sign", str(artifact), "--key", str(keys["key"])]) == 0
     assert _verify(artifact, "--public-key", str(keys["other_pub"])) == 1
     # Re-signed by someone else's key: the files are untouched, the signer is not the one trusted.
-    thief, _, _ = _keypair(tmp_path, "thief")
+    thief, _, _ = ec_keypair(tmp_path, "thief")
     assert main(["sign", str(artifact), "--key", str(thief)]) == 0
     assert _verify(artifact, "--public-key", str(keys["pub"])) == 1
     junk = tmp_path / "junk.pem"
@@ -134,9 +125,9 @@ def _certificate(subject: str, key, issuer_name: str, issuer_key, ca: bool) -> x
 
 def test_certificate_chain(artifact, tmp_path):
     pem = serialization.Encoding.PEM
-    _, _, root_key = _keypair(tmp_path, "root")
-    leaf_path, _, leaf_key = _keypair(tmp_path, "leaf")
-    _, _, stranger_key = _keypair(tmp_path, "stranger")
+    _, _, root_key = ec_keypair(tmp_path, "root")
+    leaf_path, _, leaf_key = ec_keypair(tmp_path, "leaf")
+    _, _, stranger_key = ec_keypair(tmp_path, "stranger")
     (tmp_path / "root.crt").write_bytes(_certificate("edge root", root_key, "edge root", root_key, ca=True).public_bytes(pem))
     (tmp_path / "stranger.crt").write_bytes(_certificate("other root", stranger_key, "other root", stranger_key, ca=True).public_bytes(pem))
     (tmp_path / "leaf.crt").write_bytes(_certificate("edge ci", leaf_key, "edge root", root_key, ca=False).public_bytes(pem))
