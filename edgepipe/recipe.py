@@ -91,8 +91,10 @@ class AccuracySpec(Strict):
     min_value: float | None = None
     output: str | None = None
     # Every graph output, whichever the metric reads, must match the reference's shape and dtype, stay
-    # finite, and reach this mean per-sample cosine (share of equal elements for integer outputs).
-    outputs_min_cosine: float = Field(default=0.99, ge=-1, le=1)
+    # finite, and reach this mean per-sample cosine (share of equal elements for integer outputs). 0.95
+    # passes int8 noise on outputs the budget does not govern (MiniLM token embeddings, dynamic int8:
+    # 0.978; bundled artifacts: >= 0.997) and fails outputs that are broken rather than rounded.
+    outputs_min_cosine: float = Field(default=0.95, ge=-1, le=1)
 
     @field_validator("metric")
     @classmethod

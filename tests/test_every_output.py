@@ -75,7 +75,7 @@ def test_dtype_missing_extra_and_far_outputs_fail():
     assert not check_outputs({"y1": good["y1"]}, good, 0.99)["y2"]["passed"]
     assert not check_outputs({**good, "y3": good["y1"]}, good, 0.99)["y3"]["passed"]
     noisy = good["y2"] + np.random.default_rng(1).standard_normal(good["y2"].shape).astype(np.float32) * 3
-    assert not check_outputs({**good, "y2": noisy}, good, 0.99)["y2"]["passed"]
+    assert not check_outputs({**good, "y2": noisy}, good, 0.95)["y2"]["passed"]
     assert check_outputs({**good, "y2": noisy}, good, -1.0)["y2"]["passed"]  # the recipe can loosen it
     zeros = {"y1": np.zeros((2, 3), np.float32)}
     assert check_outputs(zeros, zeros, 0.99)["y1"]["passed"]  # all-zero rows on both sides agree

@@ -103,6 +103,7 @@ def test_cpu_int8_on_a_slice_keeps_the_embedding_and_ships_the_tokenizer(slice_r
     m = result.manifest
     assert m["accuracy"]["metric"] == "cosine" and m["accuracy"]["samples"] == 16
     assert 0.97 <= m["accuracy"]["value"] <= 1.0
+    assert set(m["accuracy"]["outputs"]) == {"sentence_embedding", "token_embeddings"}  # the output no budget reads is checked too
     assert m["size"]["ratio"] < 0.3  # int8 weights and embeddings
     tok = result.folder / "tokenizer" / "tokenizer.json"
     assert m["files"]["tokenizer/tokenizer.json"] == file_sha256(tok)
