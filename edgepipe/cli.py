@@ -34,6 +34,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe[0])
     only = [t.strip() for t in args.target.split(",") if t.strip()] if args.target else None
     out = Path(args.output)
+    signer = build_signer(args)  # a bad key is exit 2 before any work (a dry run included)
     if args.dry_run:
         from edgepipe.dryrun import dry_run
 
@@ -46,7 +47,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     from edgepipe.progress import Progress
     from edgepipe.report import write_report
 
-    signer = build_signer(args)  # a bad key is exit 2 before any work
     # With --json, stdout carries only the JSON summary; progress goes to stderr.
     progress = Progress(quiet=args.quiet, stream=sys.stderr if args.json else sys.stdout)
     try:

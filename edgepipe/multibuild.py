@@ -56,6 +56,7 @@ def cmd_build_many(args: argparse.Namespace) -> int:
         import_ray()  # missing Ray is bad input, before any work
     out = Path(args.output)
     only = [t.strip() for t in args.target.split(",") if t.strip()] if args.target else None
+    signer = build_signer(args)  # a bad key is exit 2 before any unit starts (a dry run included)
     if args.dry_run:
         from edgepipe.dryrun import dry_run
         from edgepipe.recipe import load_recipe
@@ -66,7 +67,6 @@ def cmd_build_many(args: argparse.Namespace) -> int:
         print("dry run: passed (nothing was built)")
         return 0
     units = plan(args.recipe, out, only, args.force)
-    signer = build_signer(args)  # a bad key is exit 2 before any unit starts
     stream = sys.stderr if args.json else sys.stdout
     where = f"ray ({args.address or 'local'})" if args.executor == "ray" else (f"{args.jobs} local processes" if args.jobs > 1 else "in-process")
     if not args.quiet:

@@ -166,5 +166,8 @@ def test_bad_sign_key_is_exit_2_before_any_work(tmp_path, capsys):
     junk = tmp_path / "junk.pem"
     junk.write_text("-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n")
     assert main(["build", str(DIGITS / "recipe.yaml"), "-o", str(out), "--target", "cpu", "--sign-key", str(junk)]) == 2
+    assert main(["build", str(DIGITS / "recipe.yaml"), "-o", str(out), "--sign-key", str(junk), "--dry-run"]) == 2
+    assert main(["build", str(DIGITS / "recipe.yaml"), str(DIGITS / "recipe.yaml"), "-o", str(out), "--sign-key", str(junk)]) == 2
     assert not out.exists()
-    assert capsys.readouterr().err.startswith("edgepipe: error:")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("edgepipe: error:") for line in err)
