@@ -8,6 +8,7 @@ import io
 import onnx
 import onnx_ir as ir
 from edgepipe.passes.base import default_opset
+from edgepipe.targets import irlevel
 from onnx import version_converter
 
 from edgepipe.errors import BadInput, one_line
@@ -55,6 +56,8 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
     opset = default_opset(proto)
     info = {"onnxruntime": version, "max_opset": max_opset, "max_ir_version": max_ir, "opset_before": opset,
             "ir_version_before": proto.ir_version}
+    if proto.ir_version > max_ir:  # before the opset converter, which knows types only by opset
+        irlevel.check(proto, max_ir, f"onnxruntime {version}")
     if opset is not None and opset > max_opset:
         _check_ops(proto, max_opset, version)
         try:
@@ -64,8 +67,7 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
             raise BadInput(one_line(
                 f"runtime onnxruntime {version}: cannot convert opset {opset} down to {max_opset}: {exc}"
             )) from None
-    if proto.ir_version > max_ir:
-        proto.ir_version = max_ir
+    info |= irlevel.lower(proto, max_ir, f"onnxruntime {version}")  # refuses what that IR version lacks
     _check_ops(proto, max_opset, version)
     try:
         onnx.checker.check_model(proto)
@@ -77,8 +79,8 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
 
 
 def _check_ops(proto: onnx.ModelProto, max_opset: int, version: str) -> None:
-    """Every ai.onnx node must exist in the capped opset (its first version ≤ max_opset)."""
-    for node in proto.graph.node:
+    """Every ai.onnx node (subgraphs and functions included) must exist in the capped opset (first version ≤ max_opset)."""
+    for node in irlevel.nodes(proto):
         if node.domain not in ("", "ai.onnx"):
             continue
         try:
