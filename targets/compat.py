@@ -68,6 +68,7 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
                 f"runtime onnxruntime {version}: cannot convert opset {opset} down to {max_opset}: {exc}"
             )) from None
     info |= irlevel.lower(proto, max_ir, f"onnxruntime {version}")  # refuses what that IR version lacks
+    _check_domains(proto, max_opset, version)
     _check_ops(proto, max_opset, version)
     try:
         onnx.checker.check_model(proto)
@@ -76,6 +77,28 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
     after = default_opset(proto)
     info |= {"opset": after, "ir_version": proto.ir_version}
     return ir.from_proto(proto), info
+
+
+def ml_opset_for(max_opset: int) -> int:
+    """The ai.onnx.ml opset released with ai.onnx opset ``max_opset`` (onnx's own release table)."""
+    return min((ml for _, _, opset, ml, *_ in onnx.helper.VERSION_TABLE if opset == max_opset), default=1)
+
+
+def _check_domains(proto: onnx.ModelProto, max_opset: int, version: str) -> None:
+    """Drop opset imports no node uses (ORT's optimizer stamps every domain it knows, ai.onnx.ml 5 among
+    them, which an older runtime refuses as 'under development'); refuse a used ai.onnx.ml that is too new."""
+    used = {n.domain or "" for n in irlevel.nodes(proto)} | {f.domain for f in proto.functions}
+    kept = [o for o in proto.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    if len(kept) < len(proto.opset_import):
+        del proto.opset_import[:]
+        proto.opset_import.extend(kept)
+    max_ml = ml_opset_for(max_opset)
+    for o in proto.opset_import:
+        if o.domain == "ai.onnx.ml" and o.version > max_ml:
+            raise BadInput(
+                f"runtime onnxruntime {version}: the model uses ai.onnx.ml opset {o.version}; that runtime reads "
+                f"ai.onnx.ml opset {max_ml} at most: request a newer runtime or change the model"
+            )
 
 
 def _check_ops(proto: onnx.ModelProto, max_opset: int, version: str) -> None:

@@ -182,5 +182,14 @@ def test_digits_float_and_int8_capped_run_as_before(digits_onnx, digits_build, v
         assert proto.ir_version <= max_ir and all(o.version <= max_opset for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         onnx.checker.check_model(proto, full_check=True)
         assert not any(n.metadata_props for n in proto.graph.node) if max_ir < 10 else True
+        # no import of a domain no node uses: ORT's optimizer stamps ai.onnx.ml 5, which 1.17 refuses to load
+        assert {o.domain for o in proto.opset_import} - {"", "ai.onnx"} <= {n.domain for n in proto.graph.node}
         (got,), (want,) = _run(proto, {"image": x}), _run(original, {"image": x})
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_used_ml_domain_newer_than_the_runtime_is_refused():
+    model = onnx.parser.parse_model("""<ir_version: 10, opset_import: ["" : 21, "ai.onnx.ml" : 5]>
+    g (float[N, 2] x) => (float[N, 2] y) { y = ai.onnx.ml.Normalizer <norm = "L2"> (x) }""")
+    with pytest.raises(BadInput, match="ai.onnx.ml opset 5"):
+        cap(ir.from_proto(model), "1.17")
