@@ -14,10 +14,12 @@ from onnx import version_converter
 from edgepipe.errors import BadInput, one_line
 
 # onnxruntime release → (max ai.onnx opset, max IR version), from
-# https://onnxruntime.ai/docs/reference/compatibility.html (ONNX opset support table).
+# https://onnxruntime.ai/docs/reference/compatibility.html (ONNX opset support table), except where
+# benchmarks/runtime_caps.py measured otherwise: 1.15.1 has no opset-19 CPU kernels for QuantizeLinear,
+# DequantizeLinear or Reshape (NOT_IMPLEMENTED on load), so 1.15 is capped at 18.
 ORT_LIMITS: dict[str, tuple[int, int]] = {
     "1.10": (15, 8), "1.11": (16, 8), "1.12": (17, 8), "1.13": (17, 8), "1.14": (18, 8),
-    "1.15": (19, 8), "1.16": (19, 9), "1.17": (20, 9), "1.18": (21, 10), "1.19": (21, 10),
+    "1.15": (18, 8), "1.16": (19, 9), "1.17": (20, 9), "1.18": (21, 10), "1.19": (21, 10),
     "1.20": (21, 10),
 }
 # ORT-format (.ort) files: version 6 came with onnxruntime 1.16 and older runtimes cannot read it
