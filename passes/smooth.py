@@ -142,7 +142,7 @@ class SmoothQuant(EdgepipePass):
                 s = np.power(np.maximum(act, 1e-5), c.alpha) / np.power(np.maximum(w_max, 1e-5), 1 - c.alpha)
                 s = np.clip(s, 1e-2, 1e2).astype(np.float32)
                 for matmul, w in zip(site["matmuls"], weights, strict=True):
-                    inits[matmul.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), matmul.input[1]))
+                    _set_weight(proto, inits, matmul, (w * s[:, None]).astype(np.float32), site["matmuls"])
                 if site["mode"] == "fold":
                     scalar = numpy_helper.to_array(inits[site["const"]]).reshape(())
                     name = site["mul"].name + "_smoothquant_scale"  # its own constant: the scalar may be shared
@@ -162,6 +162,21 @@ class SmoothQuant(EdgepipePass):
             + (f"; {sum(split.values())} outlier channels split before {len(split)} of them" if split else "")
         )
         return StatsResult(ir.from_proto(proto), modified=bool(smoothed), stats=stats)
+
+
+def _set_weight(proto: onnx.ModelProto, inits: dict[str, onnx.TensorProto], matmul: onnx.NodeProto,
+                value: np.ndarray, site: list[onnx.NodeProto]) -> None:
+    """Give ``matmul`` the scaled weight: in place when only this site's MatMuls read it, else as its own copy."""
+    name = matmul.input[1]
+    ours = {id(m) for m in site}
+    shared = any(name in n.input and id(n) not in ours for n in proto.graph.node) or name in {o.name for o in proto.graph.output}
+    if not shared:
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+        return
+    copy = f"{name}/smoothquant/{matmul.name or len(proto.graph.initializer)}"
+    proto.graph.initializer.append(numpy_helper.from_array(value, copy))
+    inits[copy] = proto.graph.initializer[-1]
+    matmul.input[1] = copy
 
 
 def _insert_mul(proto: onnx.ModelProto, site: dict[str, Any], inverse: np.ndarray) -> None:
@@ -225,6 +240,9 @@ def _channel_source(proto: onnx.ModelProto, site: dict[str, Any], channels: int)
     for value in inside - {site["act"]}:
         if any(r not in inside for r in readers.get(value, [])):
             return None
+    # The activation itself is widened: only the MatMuls that take the extra rows may read it.
+    if any(r not in {m.output[0] for m in site["matmuls"]} for r in readers.get(site["act"], [])):
+        return None
     return {"source": source, "inner": [n.output[0] for n in inner], "vectors": vectors}
 
 

@@ -86,6 +86,7 @@ class QuantizeTensorRt(EdgepipePass):
             "method": c.calibration,
             "samples": reader.samples,
             "fp32_model_sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+            "fp32_model_path": str(src),  # the graph the ranges name: the gpu target ships it beside the cache
             "ranges": ranges,
         })
         stats = {"quantized_nodes": _quantized_nodes(result), "calibration_samples": reader.samples, "calibrated_tensors": len(ranges)}

@@ -8,15 +8,18 @@ import io
 import onnx
 import onnx_ir as ir
 from edgepipe.passes.base import default_opset
+from edgepipe.targets import irlevel
 from onnx import version_converter
 
 from edgepipe.errors import BadInput, one_line
 
 # onnxruntime release → (max ai.onnx opset, max IR version), from
-# https://onnxruntime.ai/docs/reference/compatibility.html (ONNX opset support table).
+# https://onnxruntime.ai/docs/reference/compatibility.html (ONNX opset support table), except where
+# benchmarks/runtime_caps.py measured otherwise: 1.15.1 has no opset-19 CPU kernels for QuantizeLinear,
+# DequantizeLinear or Reshape (NOT_IMPLEMENTED on load), so 1.15 is capped at 18.
 ORT_LIMITS: dict[str, tuple[int, int]] = {
     "1.10": (15, 8), "1.11": (16, 8), "1.12": (17, 8), "1.13": (17, 8), "1.14": (18, 8),
-    "1.15": (19, 8), "1.16": (19, 9), "1.17": (20, 9), "1.18": (21, 10), "1.19": (21, 10),
+    "1.15": (18, 8), "1.16": (19, 9), "1.17": (20, 9), "1.18": (21, 10), "1.19": (21, 10),
     "1.20": (21, 10),
 }
 # ORT-format (.ort) files: version 6 came with onnxruntime 1.16 and older runtimes cannot read it
@@ -55,6 +58,8 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
     opset = default_opset(proto)
     info = {"onnxruntime": version, "max_opset": max_opset, "max_ir_version": max_ir, "opset_before": opset,
             "ir_version_before": proto.ir_version}
+    if proto.ir_version > max_ir:  # before the opset converter, which knows types only by opset
+        irlevel.check(proto, max_ir, f"onnxruntime {version}")
     if opset is not None and opset > max_opset:
         _check_ops(proto, max_opset, version)
         try:
@@ -64,8 +69,8 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
             raise BadInput(one_line(
                 f"runtime onnxruntime {version}: cannot convert opset {opset} down to {max_opset}: {exc}"
             )) from None
-    if proto.ir_version > max_ir:
-        proto.ir_version = max_ir
+    info |= irlevel.lower(proto, max_ir, f"onnxruntime {version}")  # refuses what that IR version lacks
+    _check_domains(proto, max_opset, version)
     _check_ops(proto, max_opset, version)
     try:
         onnx.checker.check_model(proto)
@@ -76,9 +81,31 @@ def cap(model: ir.Model, version: str) -> tuple[ir.Model, dict]:
     return ir.from_proto(proto), info
 
 
+def ml_opset_for(max_opset: int) -> int:
+    """The ai.onnx.ml opset released with ai.onnx opset ``max_opset`` (onnx's own release table)."""
+    return min((ml for _, _, opset, ml, *_ in onnx.helper.VERSION_TABLE if opset == max_opset), default=1)
+
+
+def _check_domains(proto: onnx.ModelProto, max_opset: int, version: str) -> None:
+    """Drop opset imports no node uses (ORT's optimizer stamps every domain it knows, ai.onnx.ml 5 among
+    them, which an older runtime refuses as 'under development'); refuse a used ai.onnx.ml that is too new."""
+    used = {n.domain or "" for n in irlevel.nodes(proto)} | {f.domain for f in proto.functions}
+    kept = [o for o in proto.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    if len(kept) < len(proto.opset_import):
+        del proto.opset_import[:]
+        proto.opset_import.extend(kept)
+    max_ml = ml_opset_for(max_opset)
+    for o in proto.opset_import:
+        if o.domain == "ai.onnx.ml" and o.version > max_ml:
+            raise BadInput(
+                f"runtime onnxruntime {version}: the model uses ai.onnx.ml opset {o.version}; that runtime reads "
+                f"ai.onnx.ml opset {max_ml} at most: request a newer runtime or change the model"
+            )
+
+
 def _check_ops(proto: onnx.ModelProto, max_opset: int, version: str) -> None:
-    """Every ai.onnx node must exist in the capped opset (its first version ≤ max_opset)."""
-    for node in proto.graph.node:
+    """Every ai.onnx node (subgraphs and functions included) must exist in the capped opset (first version ≤ max_opset)."""
+    for node in irlevel.nodes(proto):
         if node.domain not in ("", "ai.onnx"):
             continue
         try:

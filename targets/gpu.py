@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 import onnxruntime as ort
-from edgepipe.passes.base import save
+from edgepipe.passes.base import load, save
 from edgepipe.passes.tensorrt import pop_ranges
+from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from edgepipe.targets.trtcache import HEADER, amax, write_cache
 
 import edgepipe
+from edgepipe.export import file_sha256
+
+logger = logging.getLogger(__name__)
 
 FP16_FILE = "model.onnx"
 INT8_FILE = "model.int8.qdq.onnx"
-CACHE = "calibration.cache"
+# ORT's TensorRT provider reads the table at trt_engine_cache_path / trt_int8_calibration_table_name
+# (GetCachePath in tensorrt_execution_provider.cc), so the cache ships inside the engine cache folder.
+ENGINE_CACHE = "trt_cache"
+CACHE_NAME = "calibration.cache"
+CACHE = f"{ENGINE_CACHE}/{CACHE_NAME}"
+FP32_FILE = "model.fp32.onnx"  # the float32 graph whose tensors the cache names (TensorRT implicit INT8)
 CACHE_INFO = "calibration.json"
 OPTIONS = "provider_options.json"
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -57,7 +67,9 @@ class GpuTarget(Target):
             return Emitted(FP16_FILE, list(CUDA), extras={"gpu": gpu})
         record = pop_ranges(model)
         save(deployable(model), folder / INT8_FILE)
-        cache = _write_cache(folder, model, record) if record else None
+        cache = _write_cache(folder, model, record, ctx) if record else None
+        if cache:
+            _add_legacy_options(folder, shapes)
         gpu = {
             "precision": "int8 QDQ (symmetric, int8 zero points, per-channel weights; float32 inputs/outputs)",
             "primary_int8_artifact": f"{INT8_FILE}: explicit quantization, the form TensorRT 10.1+ and 11 take (--stronglyTyped)",
@@ -68,28 +80,41 @@ class GpuTarget(Target):
         return Emitted(INT8_FILE, list(TRT), extras={"gpu": gpu})
 
 
-def _write_cache(folder: Path, model: ir.Model, record: dict) -> dict:
-    """calibration.cache (TensorRT-native) + calibration.json (what the numbers are and where they came from)."""
+def _write_cache(folder: Path, model: ir.Model, record: dict, ctx: TargetContext) -> dict:
+    """model.fp32.onnx + trt_cache/calibration.cache (TensorRT-native, naming that model's tensors) + calibration.json."""
     quantized = {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear" and not n.inputs[0].is_initializer()}
-    scales = write_cache(folder / CACHE, record["ranges"])
+    fp32 = load(Path(record["fp32_model_path"]))  # the graph the calibration ran on
+    if (version := compat.requested(ctx.spec.runtime)) is not None:
+        fp32, _ = compat.cap(fp32, version)  # loadable by the same runtime as the QDQ model
+    save(deployable(fp32), folder / FP32_FILE)
+    names = {v.name for node in fp32.graph.all_nodes() for v in (*node.inputs, *node.outputs) if v is not None}
+    names |= {v.name for v in fp32.graph.inputs}
+    ranges = {k: v for k, v in record["ranges"].items() if k in names}
+    if len(ranges) < len(record["ranges"]):
+        logger.warning("calibration cache: %d ranges name no tensor of %s; left out", len(record["ranges"]) - len(ranges), FP32_FILE)
+    (folder / ENGINE_CACHE).mkdir(exist_ok=True)
+    scales = write_cache(folder / CACHE, ranges)
+    fp32_sha = file_sha256(folder / FP32_FILE)
     info = {
         "format": f"TensorRT native calibration cache ({HEADER}); scale = amax / 127, amax = max(|min|, |max|)",
-        "fp32_model_sha256": record["fp32_model_sha256"],
+        "model": FP32_FILE,
+        "fp32_model_sha256": fp32_sha,
         "calibration_method": record["method"],
         "calibration_samples": record["samples"],
         "edgepipe_version": edgepipe.__version__,
         "tensors": {
             name: {"min": lo, "max": hi, "amax": amax(lo, hi), "scale": scales[name], "quantized_in_qdq_model": name in quantized}
-            for name, (lo, hi) in sorted(record["ranges"].items())
+            for name, (lo, hi) in sorted(ranges.items())
         },
     }
     (folder / CACHE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return {
         "file": CACHE,
+        "model": FP32_FILE,
         "sidecar": CACHE_INFO,
         "for": "TensorRT <= 10 implicit INT8 and ORT's TensorRT provider (trt_int8_use_native_calibration_table); "
         "TensorRT 10.1 deprecates calibration and 11 removes it: use the QDQ model there",
-        "applies_to": f"the float32 graph with sha256 {record['fp32_model_sha256']} (tensor names of the model before quantization)",
+        "applies_to": f"{FP32_FILE} (sha256 {fp32_sha}): the float32 graph before quantization, whose tensors the cache names",
         "calibration_method": record["method"],
         "calibration_samples": record["samples"],
         "tensors": len(scales),
@@ -111,10 +136,14 @@ def _trt_shapes(model: ir.Model) -> dict[str, str]:
     return {"trtexec": flags, **({f"trt_profile_{k}_shapes": v for k, v in joined.items()} if dynamic else {})}
 
 
-def _write_options(folder: Path, int8: bool, shapes: dict[str, str]) -> None:
+def _trt_options(shapes: dict[str, str]) -> dict[str, Any]:
     profile = {k: v for k, v in shapes.items() if k.startswith("trt_profile")}
-    trt = {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": "trt_cache",
-           "trt_timing_cache_enable": True, **profile}
+    return {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": ENGINE_CACHE,
+            "trt_timing_cache_enable": True, **profile}
+
+
+def _write_options(folder: Path, int8: bool, shapes: dict[str, str]) -> None:
+    trt = _trt_options(shapes)
     options: dict[str, Any] = {
         FP16_FILE: [["CUDAExecutionProvider", {"device_id": 0}], ["CPUExecutionProvider", {}]],
         f"{FP16_FILE} (TensorRT)": [["TensorrtExecutionProvider", {**trt, "trt_fp16_enable": True}],
@@ -123,10 +152,17 @@ def _write_options(folder: Path, int8: bool, shapes: dict[str, str]) -> None:
     if int8:
         options[INT8_FILE] = [["TensorrtExecutionProvider", {**trt, "trt_int8_enable": True, "trt_fp16_enable": True}],
                               ["CUDAExecutionProvider", {"device_id": 0}], ["CPUExecutionProvider", {}]]
-        options["float32 model + calibration.cache (TensorRT <= 10, legacy)"] = [[
-            "TensorrtExecutionProvider",
-            {**trt, "trt_int8_enable": True, "trt_int8_calibration_table_name": CACHE, "trt_int8_use_native_calibration_table": True},
-        ]]
+    (folder / OPTIONS).write_text(json.dumps(options, indent=2) + "\n", encoding="utf-8")
+
+
+def _add_legacy_options(folder: Path, shapes: dict[str, str]) -> None:
+    """Implicit INT8 (TensorRT <= 10): the float32 model with the cache the provider reads from its engine cache folder."""
+    options = json.loads((folder / OPTIONS).read_text(encoding="utf-8"))
+    options[FP32_FILE] = [[
+        "TensorrtExecutionProvider",
+        {**_trt_options(shapes), "trt_int8_enable": True, "trt_int8_calibration_table_name": CACHE_NAME,
+         "trt_int8_use_native_calibration_table": True},
+    ], ["CUDAExecutionProvider", {"device_id": 0}], ["CPUExecutionProvider", {}]]
     (folder / OPTIONS).write_text(json.dumps(options, indent=2) + "\n", encoding="utf-8")
 
 

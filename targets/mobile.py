@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
@@ -18,7 +17,8 @@ import onnx_ir as ir
 from edgepipe.passes.base import default_opset, save
 from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
-from onnxruntime.tools.mobile_helpers import usability_checker as uc
+from edgepipe.targets.ortgraph import load_ort
+from edgepipe.targets.usability import usability
 
 from edgepipe.errors import BadInput, one_line
 from edgepipe.export import describe_values
@@ -100,7 +100,7 @@ class MobileTarget(Target):
             proto = onnx.load(str(src))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        report = usability(proto)
+        report = usability(load_ort(folder / "model.ort"), infer=False)  # what NNAPI / CoreML are given: the .ort's graph
         (folder / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         opset = default_opset(proto) or 0
         summary = {ep: {k: v for k, v in r.items() if k not in ("unsupported_nodes", "caveats")} for ep, r in report.items()}
@@ -120,39 +120,3 @@ class MobileTarget(Target):
             },
         }
         return Emitted("model.ort", list(self.providers), extras=extras)
-
-
-def usability(proto: onnx.ModelProto) -> dict[str, dict]:
-    """Which nodes NNAPI and CoreML (ML Program) can take, per ORT's own partition checker."""
-    with contextlib.suppress(Exception):
-        proto = onnx.shape_inference.infer_shapes(proto)
-    nnapi = uc.check_nnapi_partitions(proto, require_fixed_input_sizes=True)
-    coreml = uc.check_coreml_partitions(proto, require_fixed_input_sizes=True, config_filename="coreml_supported_mlprogram_ops.md")
-    return {"nnapi": _info(nnapi, proto, "nnapi"), "coreml_mlprogram": _info(coreml, proto, "coreml_mlprogram")}
-
-
-def _info(info: uc.PartitioningInfo, proto: onnx.ModelProto, ep: str) -> dict:
-    taken = {id(n) for group in info.supported_groups for n in group}
-    unsupported = []
-    for node in proto.graph.node:
-        if id(node) in taken:
-            continue
-        domain = node.domain or "ai.onnx"
-        if not info.supported_ops_checker.is_op_supported(node):
-            reason = f"op {domain}:{node.op_type} is not in ORT's {ep} supported-op list"
-        elif node.op_type in info.ops_with_unsupported_rank:
-            reason = "an input's rank is above what the provider takes"
-        else:
-            reason = "an input has a dynamic or unknown shape"
-        unsupported.append({"node": node.name, "op": f"{domain}:{node.op_type}", "reason": reason})
-    share = info.num_supported_nodes / info.num_nodes if info.num_nodes else 0.0
-    return {
-        "nodes": info.num_nodes,
-        "supported_nodes": info.num_supported_nodes,
-        "share": round(share, 4),
-        "partitions": info.num_partitions,
-        "verdict": info.suitability().name,  # YES / MAYBE / NO, ORT's own rule
-        "unsupported_ops": sorted(info.unsupported_ops),
-        "unsupported_nodes": unsupported,
-        "caveats": info.supported_ops_checker.get_caveats(),
-    }

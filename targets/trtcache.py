@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 # The header names the TensorRT version that wrote the cache and the calibrator; trtexec's
 # calibrator is EntropyCalibration2 and refuses a cache made for another, whatever edgepipe
@@ -27,20 +30,15 @@ def encode(scale: float) -> str:
 
 
 def write_cache(path: Path, ranges: dict[str, list[float]]) -> dict[str, float]:
-    """Write ``name: hexscale`` lines under the TRT header; returns the scales written."""
-    scales = {name: scale_of(*ranges[name]) for name in sorted(ranges)}
+    """Write ``name: hexscale`` lines under the TRT header; returns the scales written.
+
+    Readers take the name up to the first ':' (ORT's ReadDynamicRange), so a name holding ':' or a line break
+    cannot be written; it is left out (TensorRT then calibrates that tensor as if it had no range).
+    """
+    unwritable = sorted(n for n in ranges if ":" in n or "\n" in n)
+    if unwritable:
+        logger.warning("calibration cache: %d tensor names hold ':' and are left out (e.g. %s)", len(unwritable), unwritable[0])
+    scales = {name: scale_of(*ranges[name]) for name in sorted(ranges) if name not in unwritable}
     lines = [HEADER, *(f"{name}: {encode(s)}" for name, s in scales.items())]
     path.write_text("\n".join(lines) + "\n", encoding="ascii")
-    return scales
-
-
-def read_cache(path: Path) -> dict[str, float]:
-    """Parse a native cache the way ORT's TensorRT provider does (ReadDynamicRange): name → scale."""
-    lines = path.read_text(encoding="ascii").splitlines()
-    if not lines or not lines[0].startswith("TRT-"):
-        raise ValueError(f"{path}: not a TensorRT calibration cache (no TRT- header)")
-    scales = {}
-    for line in lines[1:]:
-        name, _, hexbits = line.rpartition(": ")
-        scales[name] = struct.unpack(">f", struct.pack(">I", int(hexbits, 16)))[0]
     return scales

@@ -244,3 +244,53 @@ def test_smoothquant_split_needs_a_channelwise_path(tmp_path):
     ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
     result = create({"name": "smoothquant", "insert": True, "split": 1.5}, ctx)(ir.from_proto(_post_norm_block()))
     assert "split_channels" not in result.stats and result.stats["inserted"] == 1
+
+
+def _ffn_with_second_reader() -> onnx.ModelProto:
+    """The FFN above whose GELU output ``h`` is also read by a Relu that is a graph output."""
+    model = _ffn()
+    h_info = onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["N", "T", 256])
+    model.graph.node.append(onnx.helper.make_node("Relu", ["h"], ["r"], name="relu_reader"))
+    model.graph.output.append(h_info)
+    return model
+
+
+def test_smoothquant_split_leaves_other_readers_of_the_activation_alone(tmp_path):
+    x = RNG.standard_normal((4, 6, 4)).astype(np.float32)
+    model = _ffn_with_second_reader()
+    ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
+    out = ir.to_proto(create({"name": "smoothquant", "insert": True, "split": 1.5}, ctx)(ir.from_proto(model)).model)
+    onnx.checker.check_model(out, full_check=True)
+    session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, want = session.run(None, {"x": x}), reference.run(None, {"x": x})
+    assert [g.shape for g in got] == [w.shape for w in want] == [(4, 6, 4), (4, 6, 256)]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)
+
+
+def test_smoothquant_copies_a_weight_another_matmul_shares(tmp_path):
+    """Two activations read by MatMuls with one weight: scaling it for the first must not change the second."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8] x, float[N, 8] z) => (float[N, 4] y, float[N, 4] v) <float half = {0.5}, float third = {0.3}> {
+        h = Mul (x, half)
+        y = MatMul (h, w)
+        g = Mul (z, third)
+        v = MatMul (g, w)
+    }""")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(RNG.standard_normal((8, 4)).astype(np.float32), "w"))
+    for i, n in enumerate(model.graph.node):
+        n.name = f"n{i}"
+    x = RNG.standard_normal((64, 8)).astype(np.float32)
+    x[:, 3] *= 50  # only x has an outlier channel; z is flat and stays unsmoothed
+    z = RNG.standard_normal((64, 8)).astype(np.float32)
+    ctx = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x, "z": z}]))
+    result = create({"name": "smoothquant", "alpha": 0.5}, ctx)(ir.from_proto(model))
+    out = ir.to_proto(result.model)
+    assert result.stats["nodes"] == ["n1"]
+    feed = {"x": x, "z": z}
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)

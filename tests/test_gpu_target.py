@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import struct
+from pathlib import Path
 
 import numpy as np
 import onnx
-from edgepipe.targets.trtcache import HEADER, encode, read_cache, scale_of, write_cache
+import onnxruntime as ort
+from edgepipe.targets.trtcache import write_cache
 from onnx import numpy_helper
 
 from edgepipe.artifact import load_golden, save_golden
@@ -18,26 +22,48 @@ def _manifest(folder):
     return json.loads((folder / "manifest.json").read_text())
 
 
+def read_trt_cache(path: Path) -> dict[str, float]:
+    """A native TensorRT calibration cache read the way ORT's TensorRT provider reads it (ReadDynamicRange):
+    a first line holding ``TRT-``, then ``name:hex`` lines, the name up to the first ':', the value the
+    big-endian IEEE-754 bits of the float32 scale in hex (strtoul base 16). Written from the format, not
+    from edgepipe's own reader."""
+    lines = path.read_bytes().split(b"\n")
+    assert b"TRT-" in lines[0].split(b":")[0], lines[0]
+    scales = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, rest = line.partition(b":")
+        bits = int(rest.split(b":")[0].strip(), 16)
+        scales[name.decode()] = struct.unpack(">f", struct.pack(">I", bits))[0]
+    return scales
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    return {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.input}
+
+
 def test_folder_holds_both_models_each_checked(digits_build):
     folder = digits_build / "gpu"
     manifest = _manifest(folder)
     assert set(manifest["files"]) == {
-        "model.onnx", "model.int8.qdq.onnx", "golden.npz", "golden.int8.npz",
-        "calibration.cache", "calibration.json", "provider_options.json",
+        "model.onnx", "model.int8.qdq.onnx", "model.fp32.onnx", "golden.npz", "golden.int8.npz",
+        "trt_cache/calibration.cache", "calibration.json", "provider_options.json",
     }
     models = {m["model_file"]: m for m in manifest["models"]}
     assert set(models) == {"model.onnx", "model.int8.qdq.onnx"}
     for entry in models.values():
         acc = entry["accuracy"]
         assert acc["samples"] == 360 and acc["drop"] <= 0.01 and acc["passed"]
-        assert entry["runtime"]["providers"]  # what really ran (CPU here; CUDA where present)
+        assert set(entry["runtime"]["providers"]) <= set(ort.get_available_providers())  # what really ran
+        # the trtexec line builds from a file that ships, with the shapes the model takes
+        args = shlex.split(entry["gpu"]["trtexec"])
+        onnx_file = next(a.split("=", 1)[1] for a in args if a.startswith("--onnx="))
+        assert onnx_file == entry["model_file"] and (folder / onnx_file).is_file()
     assert models["model.onnx"]["runtime"]["requested_providers"][0] == "CUDAExecutionProvider"
     assert models["model.int8.qdq.onnx"]["runtime"]["requested_providers"][0] == "TensorrtExecutionProvider"
     assert [p["name"] for p in models["model.int8.qdq.onnx"]["passes"]][-1] == "quantize.tensorrt"
-    assert "checked_on" in manifest["gpu"] and "stronglyTyped" in manifest["gpu"]["trtexec"]
-    int8 = models["model.int8.qdq.onnx"]["gpu"]
-    assert "primary" in int8["primary_int8_artifact"] or "TensorRT 10.1+" in int8["primary_int8_artifact"]
-    assert "TensorRT <= 10" in int8["calibration_cache"]["for"]
 
 
 def test_int8_model_is_tensorrt_explicit_quantization(digits_build):
@@ -59,40 +85,56 @@ def test_int8_model_is_tensorrt_explicit_quantization(digits_build):
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
 
 
-def test_calibration_cache_parses_back_to_one_scale_per_quantized_tensor(digits_build):
+def _legacy_entry(folder: Path) -> tuple[str, dict]:
+    """(model file, TensorRT options) of the provider-options entry that uses a calibration table."""
+    options = json.loads((folder / "provider_options.json").read_text())
+    [(model_file, trt)] = [(k, dict(v)["TensorrtExecutionProvider"]) for k, v in options.items()
+                           if "trt_int8_calibration_table_name" in dict(v).get("TensorrtExecutionProvider", {})]
+    return model_file, trt
+
+
+def test_calibration_cache_is_where_the_provider_reads_it_and_names_a_shipped_models_tensors(digits_build):
     folder = digits_build / "gpu"
-    assert (folder / "calibration.cache").read_text().splitlines()[0] == HEADER
-    scales = read_cache(folder / "calibration.cache")
-    model = onnx.load(str(folder / "model.int8.qdq.onnx"))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    model_file, trt = _legacy_entry(folder)
+    assert trt["trt_int8_enable"] and trt["trt_int8_use_native_calibration_table"]
+    # ORT's TensorRT provider: GetCachePath(trt_engine_cache_path, trt_int8_calibration_table_name)
+    root = trt.get("trt_engine_cache_path", "")
+    table = folder / root / trt["trt_int8_calibration_table_name"] if root else folder / trt["trt_int8_calibration_table_name"]
+    assert table.is_file()
+    scales = read_trt_cache(table)
+    model = onnx.load(str(folder / model_file))
+    assert scales and set(scales) <= _tensor_names(model)  # every range names a tensor of the model it is for
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)  # implicit INT8: float
+    # the float model is the one calibrated: its outputs are the reference outputs
+    inputs, _, reference = load_golden(folder / "golden.npz")
+    got = ort.InferenceSession(str(folder / model_file), providers=["CPUExecutionProvider"]).run(None, inputs)
+    np.testing.assert_allclose(got[0], reference["logits"], rtol=1e-4, atol=1e-4)
+    # the same calibration run as the QDQ model: the cache's scale is its scale (amax / 127) per activation
+    qdq = onnx.load(str(folder / "model.int8.qdq.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    activations = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert activations
     for q in activations:
-        # The same calibration run: the cache's scale is the QDQ model's scale (amax / 127).
         assert np.isclose(scales[q.input[0]], float(inits[q.input[1]]), rtol=1e-6), q.input[0]
-    info = json.loads((folder / "calibration.json").read_text())
-    assert len(info["fp32_model_sha256"]) == 64 and info["calibration_samples"] == 256
-    assert info["calibration_method"] == "minmax" and info["edgepipe_version"]
-    assert set(info["tensors"]) == set(scales)
-    assert sum(t["quantized_in_qdq_model"] for t in info["tensors"].values()) == len({q.input[0] for q in activations})
 
 
 def test_cache_uses_abs_max_not_signed_max(tmp_path):
     # ORT's write_calibration_table would write max(hi, lo) = 1.2279 here and clip the negative side.
-    scales = write_cache(tmp_path / "c.cache", {"neg": [-1.6688, 1.2279], "pos": [0.0, 2.54]})
-    assert np.isclose(scales["neg"], 1.6688 / 127) and np.isclose(scales["pos"], 2.54 / 127)
-    back = read_cache(tmp_path / "c.cache")
-    assert back == {k: np.float32(v).item() for k, v in scales.items()}
-    assert encode(1.0) == "3f800000" and scale_of(0.0, 0.0) == 1.0
+    write_cache(tmp_path / "c.cache", {"neg": [-1.6688, 1.2279], "pos": [0.0, 2.54], "zero": [0.0, 0.0]})
+    back = read_trt_cache(tmp_path / "c.cache")
+    assert np.isclose(back["neg"], 1.6688 / 127) and np.isclose(back["pos"], 2.54 / 127)
+    assert back["zero"] == 1.0  # an all-zero tensor gets scale 1, as ORT's quantizer gives it
 
 
-def test_provider_options_name_both_models(digits_build):
-    options = json.loads((digits_build / "gpu" / "provider_options.json").read_text())
-    assert options["model.onnx"][0][0] == "CUDAExecutionProvider"
+def test_provider_options_name_shipped_models(digits_build):
+    folder = digits_build / "gpu"
+    options = json.loads((folder / "provider_options.json").read_text())
+    for key, providers in options.items():
+        assert (folder / key.split(" ")[0]).is_file(), key  # every entry is for a model in the folder
+        assert providers[-1][0] == "CPUExecutionProvider"
     trt = dict(options["model.int8.qdq.onnx"])["TensorrtExecutionProvider"]
     assert trt["trt_int8_enable"] and "trt_profile_min_shapes" in trt
-    legacy = next(v for k, v in options.items() if "calibration.cache" in k)[0][1]
-    assert legacy["trt_int8_use_native_calibration_table"] and legacy["trt_int8_calibration_table_name"] == "calibration.cache"
+    assert "trt_int8_calibration_table_name" not in trt  # explicit quantization: no table
 
 
 def test_verify_checks_every_model(digits_build, tmp_path, capsys):
@@ -135,3 +177,8 @@ def test_gpu_without_calibration_ships_fp16_only(tmp_path):
     fp16 = manifest["passes"][-1]["stats"]
     assert fp16["finite_check"].startswith("not run") and fp16["float16_weights"] > 0
     assert manifest["accuracy"]["passed"] and main(["verify", str(folder)]) == 0
+
+
+def test_cache_leaves_out_names_its_readers_would_cut(tmp_path):
+    scales = write_cache(tmp_path / "c.cache", {"ok": [0.0, 1.0], "scope:tensor": [0.0, 2.0]})
+    assert set(scales) == {"ok"} and set(read_trt_cache(tmp_path / "c.cache")) == {"ok"}

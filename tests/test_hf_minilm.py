@@ -155,3 +155,26 @@ def test_dry_run_reads_text_data_with_the_models_tokenizer(tmp_path, capsys):
     assert "calibration data: inputs ['attention_mask', 'input_ids'] match the model" in out
     assert "target mobile: passes cleanup → smoothquant → quantize.auto → shapes.fix → unfuse.skiplayernorm" in out
     assert not any(tmp_path.iterdir())  # nothing was built
+
+
+def test_minilm_float_and_int8_capped_to_old_runtimes_give_the_same_embeddings(source, tmp_path):
+    """The real MiniLM (float and dynamic int8) capped for onnxruntime 1.17 and 1.14; loading them in those
+    releases themselves is benchmarks/runtime_caps.py."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from edgepipe.targets.compat import ORT_LIMITS, cap
+
+    float_model = load(source.onnx_path)
+    int8 = create({"name": "quantize.dynamic", "per_channel": True}, PassContext(workdir=tmp_path))(float_model).model
+    names = [i.name for i in ir.to_proto(float_model).graph.input]
+    rng = np.random.default_rng(0)
+    feed = {n: (rng.integers(1, 1000, (2, 12)) if "ids" in n and "type" not in n else np.ones((2, 12))).astype(np.int64) for n in names}
+    for model in (float_model, int8):
+        original = ir.to_proto(model)
+        want = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+        for version in ("1.17", "1.14"):
+            capped = ir.to_proto(cap(model, version)[0])
+            assert capped.ir_version <= ORT_LIMITS[version][1]
+            got = ort.InferenceSession(capped.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

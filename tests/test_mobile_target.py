@@ -49,19 +49,90 @@ def test_manifest_accuracy_on_the_ort_file_and_usability(digits_build):
         assert ep["nodes"] > 10 and 0 <= ep["supported_nodes"] <= ep["nodes"] and ep["verdict"] in ("YES", "MAYBE", "NO")
         assert ep["share"] == round(ep["supported_nodes"] / ep["nodes"], 4)
     report = json.loads((folder / "usability_report.json").read_text())
+    nodes = _ort_nodes(folder / "model.ort")
     for info in report.values():
+        # ORT's counts and the listed nodes agree, and every reason matches ORT's own list of unsupported ops
         assert len(info["unsupported_nodes"]) == info["nodes"] - info["supported_nodes"]
-        assert all(n["reason"] and n["op"] for n in info["unsupported_nodes"])
-    # Fixed shapes: NNAPI takes every node of this QDQ CNN as one partition.
-    assert report["nnapi"]["partitions"] == 1 and report["nnapi"]["verdict"] == "YES"
+        for entry in info["unsupported_nodes"]:
+            assert (entry["op"] in info["unsupported_ops"]) == entry["reason"].startswith(f"op {entry['op']} "), entry
+            assert (entry["node"], entry["op"]) in nodes
 
 
-def test_required_operators_config_is_the_converters_and_reproducible(digits_build):
+def _ort_nodes(path) -> list[tuple[str, str]]:
+    """(name, domain:op) of every node of a .ort file's main graph, read with ORT's flatbuffers bindings."""
+    import onnxruntime.tools.ort_format_model  # noqa: F401 - puts ort_flatbuffers_py on the path
+    import ort_flatbuffers_py.fbs as fbs
+
+    graph = fbs.InferenceSession.InferenceSession.GetRootAsInferenceSession(bytearray(path.read_bytes()), 0).Model().Graph()
+    nodes = [graph.Nodes(i) for i in range(graph.NodesLength())]
+    return [(n.Name().decode(), f"{n.Domain().decode() or 'ai.onnx'}:{n.OpType().decode()}") for n in nodes if n is not None]
+
+
+def test_usability_report_describes_the_ort_file_not_the_model_it_came_from(digits_build):
+    folder = digits_build / "mobile"
+    nodes = _ort_nodes(folder / "model.ort")
+    report = json.loads((folder / "usability_report.json").read_text())
+    for info in report.values():
+        assert info["nodes"] == len(nodes)
+        assert {e["op"] for e in info["unsupported_nodes"]} <= {op for _, op in nodes}
+    # the Fixed-style .ort holds ORT CPU kernels (e.g. com.microsoft:QLinearConv): the report names them
+    contrib = {op for _, op in nodes if op.startswith("com.microsoft:")}
+    assert contrib and contrib <= set(report["nnapi"]["unsupported_ops"])
+
+
+def _model(text: str) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    for i, node in enumerate(model.graph.node):
+        node.name = node.name or f"n{i}"
+    return model
+
+
+def test_usability_gives_the_rank_reason_for_a_rank_6_input():
+    from edgepipe.targets.usability import usability
+
+    report = usability(_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 1, 1, 2, 3, 4] x) => (float[1, 1, 1, 2, 3, 4] y) { a = Relu(x)\n y = Sigmoid(a) }"""))
+    coreml = {e["node"]: e["reason"] for e in report["coreml_mlprogram"]["unsupported_nodes"]}
+    assert "rank 6" in coreml["n0"] and "rank 6" in coreml["n1"] and "dynamic" not in coreml["n0"]
+    assert not any("rank" in e["reason"] for e in report["nnapi"]["unsupported_nodes"])  # NNAPI has no rank limit here
+
+
+def test_usability_lists_the_nodes_inside_subgraphs():
+    from edgepipe.targets.usability import usability
+
+    model = _model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (bool c, float[2, 3] x) => (float[2, 3] y) {
+        y = If (c) <then_branch = then_g () => (float[2, 3] t) { t = Erf(x) },
+                    else_branch = else_g () => (float[2, 3] e) { e = Relu(x) }>
+    }""")
+    report = usability(model)
+    for info in report.values():
+        assert info["nodes"] == 3  # the If and one node in each branch
+        assert len(info["unsupported_nodes"]) == info["nodes"] - info["supported_nodes"]
+    graphs = {e["graph"] for info in report.values() for e in info["unsupported_nodes"] if "graph" in e}
+    assert graphs and graphs <= {"n0/then_branch", "n0/else_branch"}
+
+
+def test_usability_says_so_when_shapes_cannot_be_established():
+    from edgepipe.targets.usability import usability
+
+    # two contrib ops onnx cannot infer: no value info at all, which ORT's checker refuses with a ValueError
+    model = _model("""<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (float[2, 3] x) => (float[2, 3] y) { a = com.microsoft.Gelu(x)\n y = com.microsoft.FastGelu(a) }""")
+    report = usability(model)
+    for info in report.values():
+        assert info["verdict"] == "UNKNOWN" and "shapes" in info["error"]
+
+
+def test_required_operators_config_lists_exactly_the_ops_the_ort_holds(digits_build):
     text = (digits_build / "mobile" / "required_operators.config").read_text()
-    assert "/tmp" not in text and "model.ort" in text
-    ops = [line for line in text.splitlines() if not line.startswith("#")]
-    assert any(line.startswith("ai.onnx;") for line in ops)
-    assert "QuantizeLinear" in text or "QLinearConv" in text
+    assert "/tmp" not in text and "model.ort" in text  # no build-machine path: the same bytes every build
+    listed = set()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            domain, _opset, ops = line.split(";")
+            listed |= {f"{domain}:{op}" for op in ops.split(",")}
+    assert listed == {op for _, op in _ort_nodes(digits_build / "mobile" / "model.ort")}
 
 
 def test_verify_passes_on_mobile(digits_build, capsys):

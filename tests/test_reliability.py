@@ -67,19 +67,41 @@ def test_killed_build_leaves_existing_artifact_whole(digits_build, tmp_path):
     assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]
 
 
+HOLDING_METRIC = """
+import os, pathlib, time
+import numpy as np
+
+def top1_then_hold(cand, ref, labels):
+    # Inside the staging step (a .cpu.tmp- folder exists): say so, then hold the build until it is interrupted.
+    root = pathlib.Path(os.environ["EDGEPIPE_TEST_OUT"]) / "digits-cnn"
+    if root.is_dir() and any(p.name.startswith(".cpu.tmp-") for p in root.iterdir()):
+        (root.parent / "holding").write_text("staging")
+        time.sleep(300)
+    return float(np.mean(cand.argmax(1) == labels))
+"""
+
+
 def test_interrupted_build_cleans_up_and_exits_130(tmp_path):
+    from conftest import write_recipe
+
     out = tmp_path / "out"
-    proc = _spawn(out)
-    _wait_for_staging(out / "digits-cnn", proc)
+    (tmp_path / "hold.py").write_text(HOLDING_METRIC)
+    text = (DIGITS / "recipe.yaml").read_text().replace("metric: top1", "metric: hold.py:top1_then_hold")
+    recipe = write_recipe(tmp_path, text)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgepipe", "build", str(recipe), "-o", str(out), "--target", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGEPIPE_TEST_OUT": str(out)},
+    )
+    deadline = time.time() + 120
+    while not (out / "holding").exists():  # the build is inside its staging step, held by the metric
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    # Either the interrupt landed mid-build (130, nothing published) or the build had just finished.
-    if proc.returncode == 130:
-        assert "interrupted" in err and "Traceback" not in err
-        assert not (out / "digits-cnn" / "cpu").exists()
-    else:
-        assert proc.returncode == 0 and main(["verify", str(out / "digits-cnn" / "cpu")]) == 0
-    assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (out / "digits-cnn" / "cpu").exists()  # nothing published
+    assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]  # staging removed
 
 
 def test_concurrent_builds_into_one_folder(tmp_path):

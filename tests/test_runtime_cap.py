@@ -21,10 +21,16 @@ GELU20 = """<ir_version: 10, opset_import: ["" : 20]>
 agraph (float[N, 4] x) => (float[N, 4] y) { y = Gelu(x) }"""
 
 
-def test_table_matches_onnxruntime_docs():
-    assert ORT_LIMITS["1.17"] == (20, 9) and ORT_LIMITS["1.14"] == (18, 8) and ORT_LIMITS["1.20"] == (21, 10)
-    opsets = [ORT_LIMITS[v][0] for v in sorted(ORT_LIMITS, key=lambda v: tuple(map(int, v.split("."))))]
-    assert opsets == sorted(opsets)
+def test_table_never_pairs_an_opset_with_a_newer_ir_version():
+    """onnx's own release history: the IR version that came with each opset bounds what a runtime reading
+    that opset can read. (Loading capped models in the old releases themselves: benchmarks/runtime_caps.py.)"""
+    ir_of_opset: dict[int, int] = {}
+    for _release, ir_version, opset, *_ in onnx.helper.VERSION_TABLE:
+        ir_of_opset[opset] = max(ir_of_opset.get(opset, 0), ir_version)
+    for version, (max_opset, max_ir) in ORT_LIMITS.items():
+        assert max_ir <= ir_of_opset[max_opset], (version, max_opset, max_ir)
+    order = sorted(ORT_LIMITS, key=lambda v: tuple(map(int, v.split("."))))
+    assert [ORT_LIMITS[v] for v in order] == sorted(ORT_LIMITS[v] for v in order)  # newer runtimes never read less
 
 
 def test_cap_converts_down_and_still_runs(tmp_path):
@@ -78,3 +84,112 @@ def test_digits_cpu_built_for_onnxruntime_1_17(tmp_path):
     model = onnx.load(str(folder / "model.onnx"))
     assert model.ir_version <= 9 and all(o.version <= 20 for o in model.opset_import if o.domain == "")
     assert manifest["accuracy"]["passed"] and main(["verify", str(folder)]) == 0
+
+
+def _with(text: str, *initializers: onnx.TensorProto) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(initializers)
+    return model
+
+
+INT4 = onnx.helper.make_tensor("w4", onnx.TensorProto.INT4, [4], [1, -2, 3, -4])
+F8CAST = """<ir_version: 9, opset_import: ["" : 19]>
+g (float[N, 4] x) => (float[N, 4] y) { c = Cast <to = 17> (x)\n y = Cast <to = 1> (c) }"""
+DQ4 = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[4] x) => (float[4] y) { s = Constant <value = float {0.5}> ()\n d = DequantizeLinear (w4, s)\n y = Add (x, d) }"""
+
+
+def _function_with_default() -> onnx.ModelProto:
+    """Opset 18, IR 9: a local function whose attribute has a default (IR 9); IR 8 readers would lose the default."""
+    model = onnx.parser.parse_model("""<ir_version: 9, opset_import: ["" : 18, "local" : 1]>
+    g (float[4] x) => (float[4] y) { y = local.scaled (x) }
+    <domain: "local", opset_import: ["" : 18]>
+    scaled <alpha: float = 2.0> (a) => (b) { b = LeakyRelu <alpha: float = @alpha> (a) }""")
+    assert model.functions[0].attribute_proto
+    return model
+
+
+@pytest.mark.parametrize("model, version, feature", [
+    (lambda: _with(DQ4, INT4), "1.17", "INT4"),
+    (lambda: onnx.parser.parse_model(F8CAST), "1.14", "FLOAT8E4M3FN"),
+    (lambda: _function_with_default(), "1.14", "function attribute defaults"),  # opset already 18: only the IR drops
+])
+def test_cap_refuses_types_the_target_ir_version_lacks(model, version, feature):
+    with pytest.raises(BadInput, match=rf"{feature}.*needs ONNX IR version"):
+        cap(ir.from_proto(model()), version)
+
+
+def _sparse(model: onnx.ModelProto) -> onnx.ModelProto:
+    values = onnx.helper.make_tensor("sp", onnx.TensorProto.FLOAT, [1], [2.0])
+    indices = onnx.helper.make_tensor("sp_idx", onnx.TensorProto.INT64, [1], [0])
+    model.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, [4]))
+    return model
+
+
+def _function(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.functions.append(onnx.helper.make_function("local", "f", ["a"], ["b"], [onnx.helper.make_node("Relu", ["a"], ["b"])],
+                                                     [onnx.helper.make_opsetid("", 17)]))
+    return model
+
+
+def _optional(model: onnx.ModelProto) -> onnx.ModelProto:
+    elem = onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [4])
+    model.graph.value_info.append(onnx.helper.make_value_info("o", onnx.helper.make_optional_type_proto(elem)))
+    return model
+
+
+def _training(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.training_info.add()
+    return model
+
+
+RELU8 = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[4] x) => (float[4] y) { y = Relu(x) }"""
+
+
+@pytest.mark.parametrize("edit, max_ir, feature", [
+    (lambda m: _with(RELU8.replace("{ y = Relu(x) }", "{ y = Add(x, k) }"),
+                     onnx.helper.make_tensor("k", onnx.TensorProto.FLOAT, [4], [1, 2, 3, 4])), 3, "initializers that are not graph inputs"),
+    (_sparse, 5, "sparse initializers"),
+    (_training, 6, "training info"),
+    (_function, 7, "model-local functions"),
+    (_optional, 7, "optional type"),
+])
+def test_ir_lowering_refuses_features_older_ir_versions_lack(edit, max_ir, feature):
+    from edgepipe.targets import irlevel
+
+    model = edit(onnx.parser.parse_model(RELU8))
+    with pytest.raises(BadInput, match=feature):
+        irlevel.lower(model, max_ir, "onnxruntime test")
+    assert model.ir_version == 8  # nothing changed
+    irlevel.lower(model, 8, "onnxruntime test")  # the model's own IR version takes it
+
+
+def _run(proto: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+@pytest.mark.parametrize("version", ["1.17", "1.14"])
+def test_digits_float_and_int8_capped_run_as_before(digits_onnx, digits_build, version):
+    from passes_util import digits_split
+
+    x = digits_split()[0][:32]
+    for path in (digits_onnx, digits_build / "cpu" / "model.onnx"):
+        original = onnx.load(str(path))
+        capped, info = cap(ir.from_proto(original), version)
+        proto = ir.to_proto(capped)
+        max_opset, max_ir = ORT_LIMITS[version]
+        assert proto.ir_version <= max_ir and all(o.version <= max_opset for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        onnx.checker.check_model(proto, full_check=True)
+        assert not any(n.metadata_props for n in proto.graph.node) if max_ir < 10 else True
+        # no import of a domain no node uses: ORT's optimizer stamps ai.onnx.ml 5, which 1.17 refuses to load
+        assert {o.domain for o in proto.opset_import} - {"", "ai.onnx"} <= {n.domain for n in proto.graph.node}
+        (got,), (want,) = _run(proto, {"image": x}), _run(original, {"image": x})
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_used_ml_domain_newer_than_the_runtime_is_refused():
+    model = onnx.parser.parse_model("""<ir_version: 10, opset_import: ["" : 21, "ai.onnx.ml" : 5]>
+    g (float[N, 2] x) => (float[N, 2] y) { y = ai.onnx.ml.Normalizer <norm = "L2"> (x) }""")
+    with pytest.raises(BadInput, match="ai.onnx.ml opset 5"):
+        cap(ir.from_proto(model), "1.17")
