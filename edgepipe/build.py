@@ -27,6 +27,7 @@ from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.evaluator import Evaluator
 from edgepipe.executor import current_map, evaluate_batches
 from edgepipe.export import Source, describe_values, load_source
+from edgepipe.fallback import failure_reason, run_with_fallback
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import default_opset, load
 from edgepipe.recipe import AccuracySpec, Recipe
@@ -237,7 +238,7 @@ def _build_target(
             log(f"  model {variant.key}")
         pctx = PassContext(workdir=work / target.name / variant.key, calibration=calibration, target=target.name, map=current_map())
         pctx.evaluate, pctx.accept = _evaluator(target, spec_acc, metric, ev, work / target.name / variant.key / "candidates")
-        model, pass_log = _run_passes(variant.passes, pctx, load(source.onnx_path), log)
+        model, pass_log = run_with_fallback(target.name, spec, variant.passes, pctx, load(source.onnx_path), log, _run_passes)
         cap = None
         if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
             model, cap = compat.cap(model, version)
@@ -246,7 +247,7 @@ def _build_target(
         with staging(final, force) as tmp:
             manifest = _check_and_write(recipe, target, tctx, source, ev, built, spec_acc, metric, tmp, log)
     except _Failed as failed:
-        return TargetResult(target.name, False, None, failed.manifest, "accuracy budget exceeded")
+        return TargetResult(target.name, False, None, failed.manifest, failure_reason(failed.manifest))
     return TargetResult(target.name, True, final, manifest)
 
 
@@ -274,7 +275,7 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
         outputs = evaluate_batches(runner, tmp / emitted.model_file, ev.batches, emitted.providers, emitted.session_config)
         acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)
         name = emitted.model_file
-        log(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
+        log(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}{': ' + acc.reason if acc.reason else ''}")
         golden_file = GOLDEN if b.key == "main" else f"golden.{b.key}.npz"
         quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
         golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}
