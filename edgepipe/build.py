@@ -23,6 +23,7 @@ from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, measur
 from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
 from edgepipe.checks import data_warnings, speed_warning
+from edgepipe.datashapes import longest_shapes
 from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.evaluator import Evaluator
 from edgepipe.executor import current_map, evaluate_batches
@@ -45,6 +46,7 @@ class TargetResult:
     folder: Path | None
     manifest: dict[str, Any]
     error: str | None = None
+    exit_code: int = 1  # when not passed: 1 a check failed, 2 bad input found while building this target
 
 
 @dataclasses.dataclass
@@ -130,10 +132,17 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
         evaluation.warnings = data_warnings(evaluation.origin, calibration, quantized=True)
         for batch, _ in evaluation.batches[:1]:
             data_mod.check_batch(batch, source.inputs, "data")
-        results = []
+        results, errors = [], []
         for name in targets:
             log(f"target  {name}")
-            results.append(_build_target(recipe, TARGETS[name](), source, evaluation, calibration, root / name, force, work, log))
+            try:
+                results.append(_build_target(recipe, TARGETS[name](), source, evaluation, calibration, root / name, force, work, log))
+            except EdgepipeError as exc:  # one target's failure does not stop the others
+                log(f"  error {exc}")
+                errors.append(exc)
+                results.append(TargetResult(name, False, None, {}, str(exc), exc.exit_code))
+        if len(errors) == len(targets):
+            raise errors[0]
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -228,7 +237,7 @@ def _build_target(
     recipe: Recipe, target: Target, source: Source, ev: Evaluation, calibration, final: Path, force: bool, work: Path, log: Log
 ) -> TargetResult:
     spec = recipe.targets[target.name]
-    tctx = TargetContext(recipe, spec, calibration is not None)
+    tctx = TargetContext(recipe, spec, calibration is not None, longest_shapes(source.inputs, ev.batches, calibration, recipe.data.max_length))
     spec_acc = target.accuracy(tctx)
     metric = resolve_metric(spec_acc.metric, recipe.base_dir)
     version = compat.requested(spec.runtime)
