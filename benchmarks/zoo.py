@@ -71,6 +71,9 @@ class Out(torch.nn.Module):  # segmentation models return a dict
 def build():
     torch.manual_seed(0)
     model = Out(_make())
+    for m in model.modules():  # torchvision zero-initialises some heads (ViT): a constant output is no test
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
     weights = HERE / "weights.pt"
     if weights.exists():
         model.load_state_dict(torch.load(weights))
