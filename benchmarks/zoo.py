@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -120,9 +121,8 @@ def vision_env() -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     site = next((VENV / "lib").glob("python3*/site-packages"))
     (site / "_edgepipe_zoo_base.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
-    for here in (p for p in sys.path if p.endswith("site-packages")):
-        for f in Path(here).glob("__editable__*edgepipe*"):  # an editable edgepipe install (its finder module too)
-            shutil.copy(f, site / f.name)
+    for f in Path(sysconfig.get_paths()["purelib"]).glob("__editable__*edgepipe*"):  # this env's editable edgepipe
+        shutil.copy(f, site / f.name)
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "torchvision==0.28.0"], check=True)
     return python
 
