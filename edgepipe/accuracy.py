@@ -116,6 +116,7 @@ class AccuracyResult:
     passed: bool
     samples: int
     outputs: dict[str, dict] | None = None  # every output's shape/dtype/finite/closeness check (edgepipe.outputs)
+    reason: str | None = None  # why a check failed that the budget alone would pass (a constant output)
 
     def as_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -145,7 +146,30 @@ def measure(
         value = -np.inf if metric.higher_is_better else np.inf  # NaN/Inf never passes
     drop = (ref_value - value) if metric.higher_is_better else (value - ref_value)
     budget, passed = _budget(spec, metric, ref_value, value, drop)
-    return AccuracyResult(metric.name, output, ref_value, float(value), float(drop), budget, passed, len(ref))
+    reason = degenerate(output, cand, ref)
+    return AccuracyResult(metric.name, output, ref_value, float(value), float(drop), budget, passed and reason is None, len(ref), reason=reason)
+
+
+def constant_across_samples(arr: np.ndarray) -> bool:
+    """Every sample's output is the same (to 1e-6 of the output's scale): it says nothing about the input."""
+    rows = _rows(arr)
+    if len(rows) < 2 or not np.all(np.isfinite(rows)):
+        return False
+    spread = float((rows.max(0) - rows.min(0)).max(initial=0.0))
+    return spread <= 1e-6 * float(np.abs(rows).max(initial=0.0))
+
+
+def degenerate(output: str, cand: np.ndarray, ref: np.ndarray) -> str | None:
+    """Why the comparison cannot be trusted, or None: a metric that can't tell a broken artifact is no pass."""
+    n = len(ref)
+    if constant_across_samples(ref):
+        return (f"the reference output '{output}' is the same for all {n} eval samples, so the metric cannot tell a good "
+                "artifact from a broken one; check the model's weights (a zero-initialised or untrained last layer?) and "
+                "that the eval samples differ")
+    if constant_across_samples(cand):
+        return (f"the artifact's output '{output}' is the same for all {n} eval samples while the reference's varies: "
+                "the artifact ignores its input")
+    return None
 
 
 def reference_value(spec: AccuracySpec, metric: Metric, reference: Outputs, labels: np.ndarray | None) -> float:

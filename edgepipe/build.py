@@ -23,11 +23,15 @@ from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, refere
 from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
 from edgepipe.checks import data_warnings, speed_note, speed_warning
+from edgepipe.datashapes import longest_shapes
 from edgepipe.errors import BadInput, EdgepipeError, explain
 from edgepipe.evaluator import Evaluator
 from edgepipe.executor import current_map, evaluate_batches
 from edgepipe.export import Source, describe_values, load_source
-from edgepipe.outputs import failure_reason, measure_every_output
+from edgepipe.fallback import failure_reason as budget_failure
+from edgepipe.fallback import run_with_fallback
+from edgepipe.outputs import failure_reason as output_failure
+from edgepipe.outputs import measure_every_output
 from edgepipe.outputs import problems as output_problems
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import default_opset, load
@@ -46,6 +50,7 @@ class TargetResult:
     folder: Path | None
     manifest: dict[str, Any]
     error: str | None = None
+    exit_code: int = 1  # when not passed: 1 a check failed, 2 bad input found while building this target
 
 
 @dataclasses.dataclass
@@ -131,10 +136,17 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
         evaluation.warnings = data_warnings(evaluation.origin, calibration, quantized=True)
         for batch, _ in evaluation.batches[:1]:
             data_mod.check_batch(batch, source.inputs, "data")
-        results = []
+        results, errors = [], []
         for name in targets:
             log(f"target  {name}")
-            results.append(_build_target(recipe, TARGETS[name](), source, evaluation, calibration, root / name, force, work, log))
+            try:
+                results.append(_build_target(recipe, TARGETS[name](), source, evaluation, calibration, root / name, force, work, log))
+            except EdgepipeError as exc:  # one target's failure does not stop the others
+                log(f"  error {exc}")
+                errors.append(exc)
+                results.append(TargetResult(name, False, None, {}, str(exc), exc.exit_code))
+        if len(errors) == len(targets):
+            raise errors[0]
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -229,7 +241,7 @@ def _build_target(
     recipe: Recipe, target: Target, source: Source, ev: Evaluation, calibration, final: Path, force: bool, work: Path, log: Log
 ) -> TargetResult:
     spec = recipe.targets[target.name]
-    tctx = TargetContext(recipe, spec, calibration is not None)
+    tctx = TargetContext(recipe, spec, calibration is not None, longest_shapes(source.inputs, ev.batches, calibration, recipe.data.max_length))
     spec_acc = target.accuracy(tctx)
     metric = resolve_metric(spec_acc.metric, recipe.base_dir)
     version = compat.requested(spec.runtime)
@@ -239,7 +251,7 @@ def _build_target(
             log(f"  model {variant.key}")
         pctx = PassContext(workdir=work / target.name / variant.key, calibration=calibration, target=target.name, map=current_map())
         pctx.evaluate, pctx.accept = _evaluator(target, spec_acc, metric, ev, work / target.name / variant.key / "candidates")
-        model, pass_log = _run_passes(variant.passes, pctx, load(source.onnx_path), log)
+        model, pass_log = run_with_fallback(target.name, spec, variant.passes, pctx, load(source.onnx_path), log, _run_passes)
         cap = None
         if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
             model, cap = compat.cap(model, version)
@@ -248,7 +260,7 @@ def _build_target(
         with staging(final, force) as tmp:
             manifest = _check_and_write(recipe, target, tctx, source, ev, built, spec_acc, metric, tmp, log)
     except _Failed as failed:
-        return TargetResult(target.name, False, None, failed.manifest, failure_reason(failed.manifest))
+        return TargetResult(target.name, False, None, failed.manifest, output_failure(failed.manifest) or budget_failure(failed.manifest))
     return TargetResult(target.name, True, final, manifest)
 
 
@@ -276,7 +288,7 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
         outputs = evaluate_batches(runner, tmp / emitted.model_file, ev.batches, emitted.providers, emitted.session_config)
         acc = measure_every_output(spec_acc, metric, outputs, ev.reference, ev.labels)  # the budget, and every output's shape/dtype/NaN/closeness
         name = emitted.model_file
-        log(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
+        log(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}{': ' + acc.reason if acc.reason else ''}")
         for problem in output_problems(acc):
             log(f"  check {name}: {problem}")
         golden_file = GOLDEN if b.key == "main" else f"golden.{b.key}.npz"

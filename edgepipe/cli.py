@@ -66,7 +66,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         _summary(results, report, quiet=args.quiet)
         for target, path in archives.items():
             print(f"archive ({target}): {path}")
-    return 0 if all(r.passed for r in results) else 1
+    return max((r.exit_code for r in results if not r.passed), default=0)
 
 
 def _json_summary(name: str, results, report: Path, archives: dict) -> dict:

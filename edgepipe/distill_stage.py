@@ -18,6 +18,7 @@ from torch import nn
 from edgepipe import data as data_mod
 from edgepipe import distill as D
 from edgepipe.errors import BadInput, CheckFailed
+from edgepipe.export import call_factory
 from edgepipe.loader import load_callable
 from edgepipe.recipe import DistillSpec, Recipe
 
@@ -105,11 +106,10 @@ def _call_factory(ref: str, base: Path, teacher: nn.Module) -> nn.Module:
 
 
 def _torch(recipe: Recipe, spec: DistillSpec, samples: dict, eval_samples: dict, labels, log: Log) -> Distilled:
-    factory = load_callable(recipe.model.torch or "", recipe.base_dir)
-    try:
-        teacher = factory().eval()
-    except Exception as exc:
-        raise BadInput(f"model factory '{recipe.model.torch}' failed: {type(exc).__name__}: {exc}") from None
+    teacher = call_factory(recipe)
+    if not isinstance(teacher, nn.Module):
+        raise BadInput(f"model factory '{recipe.model.torch}' returned {type(teacher).__name__}, not a torch.nn.Module")
+    teacher = teacher.eval()
     names = [i.name for i in recipe.inputs or []]
     if sorted(samples) != sorted(names):
         raise BadInput(f"distill data yields inputs {sorted(samples)} but the recipe declares {names}; make the names match")

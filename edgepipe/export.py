@@ -155,6 +155,20 @@ def verify_export(
     return results
 
 
+def call_factory(recipe: Recipe) -> object:
+    """The recipe's torch factory called with its ``args`` (keyword arguments)."""
+    factory = load_callable(recipe.model.torch or "", recipe.base_dir)
+    args = dict(recipe.model.args or {})
+    try:
+        return factory(**args)
+    except TypeError as exc:
+        if args and "argument" in str(exc):
+            raise BadInput(f"model factory '{recipe.model.torch}' does not take model.args {sorted(args)}: {exc}") from None
+        raise BadInput(f"model factory '{recipe.model.torch}' failed: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        raise BadInput(f"model factory '{recipe.model.torch}' failed: {type(exc).__name__}: {exc}") from None
+
+
 def export_torch(recipe: Recipe, workdir: Path, real: Batch | None, module: object | None = None) -> Source:
     """torch.onnx export with named inputs/outputs and the recipe's dynamic dims, then checked.
 
@@ -162,11 +176,7 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None, module: obje
     import torch
 
     if module is None:
-        factory = load_callable(recipe.model.torch or "", recipe.base_dir)
-        try:
-            module = factory()
-        except Exception as exc:
-            raise BadInput(f"model factory '{recipe.model.torch}' failed: {type(exc).__name__}: {exc}") from None
+        module = call_factory(recipe)
     if not isinstance(module, torch.nn.Module):
         raise BadInput(f"model factory '{recipe.model.torch}' returned {type(module).__name__}, not a torch.nn.Module")
     module.eval()

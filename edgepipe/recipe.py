@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepipe.errors import BadInput, one_line
+from edgepipe.loader import is_module_ref
 
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 BUILTIN_METRICS = ("top1", "top5", "cosine", "cosine_min", "knn10", "rel_l2", "max_abs")
@@ -24,7 +25,8 @@ class Strict(BaseModel):
 class ModelSource(Strict):
     """Where the model comes from: exactly one of torch / hf / onnx."""
 
-    torch: str | None = None
+    torch: str | None = None  # path.py:function (relative to the recipe) or package.module:function
+    args: dict[str, Any] | None = None  # keyword arguments of the torch factory, e.g. {num_classes: 10}
     hf: str | None = None
     onnx: str | None = None
     task: str | None = None
@@ -36,6 +38,8 @@ class ModelSource(Strict):
         given = [k for k in ("torch", "hf", "onnx") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of torch / hf / onnx (got {given or 'none'})")
+        if self.args is not None and not self.torch:
+            raise ValueError("args are the keyword arguments of a torch factory; use them with model.torch")
         return self
 
     @property
@@ -157,8 +161,8 @@ class DistillSpec(Strict):
     @field_validator("student")
     @classmethod
     def _factory(cls, ref: str | None) -> str | None:
-        if ref is not None and not re.fullmatch(r".+\.py:\w+", ref):
-            raise ValueError("must be path.py:function (a factory returning the student nn.Module)")
+        if ref is not None and not re.fullmatch(r".+\.py:\w+", ref) and not is_module_ref(ref):
+            raise ValueError("must be path.py:function or package.module:function (a factory returning the student nn.Module)")
         return ref
 
     @model_validator(mode="after")
@@ -337,6 +341,22 @@ def _check_files(recipe: Recipe) -> None:
     for key, ref in refs.items():
         if not ref:
             continue
+        if is_module_ref(ref):
+            _check_module(key, ref)
+            continue
         file_part = ref.rpartition(":")[0] if ".py:" in ref else ref
         if not recipe.path(file_part).exists():
             raise BadInput(f"recipe: {key} file {recipe.path(file_part)} not found (paths are relative to the recipe)")
+
+
+def _check_module(key: str, ref: str) -> None:
+    """``package.module:function``: its top-level package must be installed (found without importing it)."""
+    import importlib.util
+
+    top = ref.partition(":")[0].partition(".")[0]
+    try:
+        found = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise BadInput(f"recipe: {key} '{ref}': no installed module '{top}'; pip install it, or name a file as path.py:function")

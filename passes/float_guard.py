@@ -79,3 +79,36 @@ def _paths_to_softmax(start: ir.Node, depth: int) -> list[ir.Node]:
         return result
 
     return list({id(n): n for n in walk(start, depth) or []}.values())
+
+
+INTEGER_TYPES = {
+    ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT16, ir.DataType.INT8,
+    ir.DataType.UINT64, ir.DataType.UINT32, ir.DataType.UINT16, ir.DataType.UINT8, ir.DataType.BOOL,
+}
+
+
+def index_nodes(model: ir.Model) -> dict[str, str]:
+    """Float nodes that compute only on integers and small constants (positions, relative-position buckets).
+
+    Their values are indices in float clothing (MPNet's bucket: ``log(distance / 8)``, -inf at distance 0,
+    then cast back to int64); an int8 range over -inf turns them into NaN and the Gather they feed reads
+    out of bounds. They carry no weights, so keeping them float costs nothing.
+    """
+    derived: set[int] = set()
+
+    def index_like(value: ir.Value) -> bool:
+        if id(value) in derived or value.dtype in INTEGER_TYPES:
+            return True
+        tensor = value.const_value
+        return tensor is not None and tensor.size <= MAX_CONST_ELEMENTS
+
+    found: dict[str, str] = {}
+    for node in model.graph:  # ONNX graphs are in topological order
+        inputs = [v for v in node.inputs if v is not None]
+        if not inputs and node.op_type != "Constant":
+            continue
+        if all(index_like(v) for v in inputs):
+            derived.update(id(v) for v in node.outputs)
+            if any(v.dtype is not None and v.dtype.is_floating_point() for v in node.outputs) and node.op_type != "Constant":
+                found[node.name] = "computes only on integers and small constants (positions / buckets): not an activation"
+    return found

@@ -127,7 +127,39 @@ def _convert(model: ir.Model, ops: list[str], reasons: dict) -> ir.Model:
         proto = onnx.shape_inference.infer_shapes(proto)
     model = ir.from_proto(proto)
     _drop_round_trips(model)
+    _sink_batch_transposes(model)
     return model
+
+
+def _sink_batch_transposes(model: ir.Model) -> int:
+    """``MatMul(Transpose(x), W)`` → ``Transpose(MatMul(x, W))`` for a float16 MatMul with a 2-D ``W``.
+
+    ORT's CPU provider segfaults creating a session (ORT_ENABLE_ALL: MatmulTransposeFusion, then the NCHWc
+    transformer) on a float16 MatMul fed by a Transpose that moves batch axes, e.g. perm [1, 0, 2] in
+    torchvision's ViT attention (nn.MultiheadAttention's batch_first transpose). With the last axis left in
+    place and ``W`` 2-D the two orders give the same values, and the crash pattern is gone.
+    """
+    count = 0
+    for node in list(model.graph):
+        a, w = (node.inputs + (None, None))[:2] if node.op_type == "MatMul" else (None, None)
+        source = a.producer() if a is not None else None
+        out = node.outputs[0]
+        if source is None or source.op_type != "Transpose" or out.dtype != ir.DataType.FLOAT16 or out in model.graph.outputs:
+            continue
+        perm = list(source.attributes.get_ints("perm", []))
+        if len(perm) < 3 or perm[-1] != len(perm) - 1 or perm == list(range(len(perm))) or w is None or w.shape is None or len(w.shape) != 2:
+            continue
+        matmul = ir.node("MatMul", [source.inputs[0], w], name=node.name + "_before_transpose")
+        matmul.outputs[0].dtype = ir.DataType.FLOAT16
+        moved = ir.node("Transpose", [matmul.outputs[0]], attributes={"perm": perm}, name=source.name + "_after_matmul")
+        moved.outputs[0].dtype = ir.DataType.FLOAT16
+        moved.outputs[0].shape = out.shape
+        model.graph.insert_before(node, [matmul, moved])
+        out.replace_all_uses_with(moved.outputs[0])
+        count += 1
+    if count:
+        common.RemoveUnusedNodesPass()(model)
+    return count
 
 
 def _drop_round_trips(model: ir.Model) -> None:

@@ -8,7 +8,7 @@ from typing import Literal
 
 import onnx_ir as ir
 from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, quiet, save
-from edgepipe.passes.float_guard import attention_mask_nodes, name_nodes
+from edgepipe.passes.float_guard import attention_mask_nodes, index_nodes, name_nodes
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -153,10 +153,11 @@ class QuantizeStatic(EdgepipePass):
         src = _prepare(named, folder, c.preprocess)
         out = folder / "out.onnx"
         exclude = list(c.nodes_to_exclude)
-        kept = {}
+        graph = load(src) if c.preprocess else named
+        kept = index_nodes(graph)  # positions/buckets computed in float: never activations worth int8
         if c.keep_attention_mask_float:
-            kept = attention_mask_nodes(load(src) if c.preprocess else named, c.mask_threshold)
-            exclude += [n for n in kept if n not in exclude]
+            kept = {**kept, **attention_mask_nodes(graph, c.mask_threshold)}
+        exclude += [n for n in kept if n not in exclude]
         reader = _Reader(iter(self.context.calibration()), c.max_samples, {v.name for v in model.graph.inputs})
         extra = {
             "ActivationSymmetric": c.symmetric_activations,

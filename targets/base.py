@@ -17,6 +17,8 @@ class TargetContext:
     recipe: Recipe
     spec: TargetSpec
     has_calibration: bool
+    # {input: [1, longest, ...]} for inputs with dynamic dims past the batch, from the eval/calibration data
+    data_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

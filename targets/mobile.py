@@ -85,7 +85,7 @@ class MobileTarget(Target):
 
     @staticmethod
     def _fix(ctx: TargetContext) -> dict[str, Any]:
-        return {"name": "shapes.fix", "shapes": dict(ctx.spec.shapes or {})}
+        return {"name": "shapes.fix", "shapes": {**ctx.data_shapes, **(ctx.spec.shapes or {})}}  # the recipe's win
 
     def emit(self, model: ir.Model, folder: Path, ctx: TargetContext, variant: str = "main") -> Emitted:
         work = Path(tempfile.mkdtemp(prefix="edgepipe-ort-"))

