@@ -36,7 +36,7 @@ def main() -> None:
     rows = []
     for label, spec in variants.items():
         recipe = parse_recipe({**data, "name": "bench", "targets": {"cpu": spec}}, RECIPE.parent)
-        (result,) = build(recipe, out / label.split()[0], force=True, log=lambda _m: None)
+        (result,) = build(recipe, out / label.split()[0], force=True)
         m = result.manifest
         runner = Runner(result.folder / m["model_file"], threads=args.threads)
         inputs, _, _ = load_golden(result.folder / "golden.npz")

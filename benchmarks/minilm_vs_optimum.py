@@ -50,7 +50,7 @@ def build_edgepipe(work: Path, recipe: Path) -> tuple[Path, float]:
     from edgepipe.recipe import load_recipe
 
     start = time.perf_counter()
-    results = build(load_recipe(recipe), work / "edgepipe", only=["cpu"], force=True, log=lambda _m: None)
+    results = build(load_recipe(recipe), work / "edgepipe", only=["cpu"], force=True)
     seconds = time.perf_counter() - start
     if not results[0].passed:
         raise SystemExit(f"edgepipe cpu build failed: {results[0].error}")

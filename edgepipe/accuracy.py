@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +118,6 @@ class AccuracyResult:
 
     def as_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-def concat(batches: Sequence[Outputs]) -> Outputs:
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def measure(

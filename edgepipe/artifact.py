@@ -105,14 +105,19 @@ def save_golden(path: Path, inputs: dict, expected: dict, reference: dict) -> No
     save_npz(path, arrays)
 
 
+def ensure_replaceable(final: Path, force: bool) -> None:
+    """An existing artifact is replaced only with ``--force`` (the one place this is checked)."""
+    if final.exists() and not force:
+        raise BadInput(f"{final} already exists; pass --force to replace it or choose another -o folder")
+
+
 @contextlib.contextmanager
 def staging(final: Path, force: bool) -> Iterator[Path]:
     """Yield a temp folder beside ``final``; on success it replaces ``final`` atomically.
 
     On any error the temp folder is removed and ``final`` is untouched.
     """
-    if final.exists() and not force:
-        raise BadInput(f"{final} already exists; pass --force to replace it or choose another -o folder")
+    ensure_replaceable(final, force)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would leave the published artifact private

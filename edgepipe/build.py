@@ -1,60 +1,145 @@
-"""edgepipe build: recipe → reference ONNX → per target: passes, emit, check, publish."""
+"""edgepipe build, as stages: plan → source → reference → per target: variants (passes), check, publish.
+
+``build()`` never raises for a problem in a target: each target's result says passed, failed (a check) or
+error (its reason and exit code), and the other targets still build. Progress goes to this module's logger.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
-import edgepipe
 from edgepipe import data as data_mod
-from edgepipe.accuracy import AccuracyResult, Metric, budget_met, concat, measure, reference_value, resolve_metric
-from edgepipe.artifact import GOLDEN, remove_stale, save_golden, staging, write_manifest
+from edgepipe.accuracy import AccuracyResult, Metric, budget_met, measure, reference_value, resolve_metric
+from edgepipe.artifact import GOLDEN, ensure_replaceable, remove_stale, save_golden, staging, write_manifest
 from edgepipe.bench import latency, resize_batch
 from edgepipe.checks import data_warnings, speed_warning
-from edgepipe.errors import BadInput, EdgepipeError, explain
+from edgepipe.errors import BadInput, EdgepipeError, PassError, classify, explain
 from edgepipe.evaluator import Evaluator
-from edgepipe.executor import current_map, evaluate_batches
-from edgepipe.export import Source, describe_values, load_source
+from edgepipe.export import Source
+from edgepipe.fanout import current_map, evaluate_batches
+from edgepipe.manifest import model_entry, target_manifest
 from edgepipe.passes import PassContext, create, model_stats
-from edgepipe.passes.base import default_opset, load
+from edgepipe.passes.base import load
 from edgepipe.recipe import AccuracySpec, Recipe
-from edgepipe.runtime import Runner, pad_tokens
-from edgepipe.targets import TARGETS, Emitted, Target, TargetContext, compat
+from edgepipe.result import ERROR, FAILED, PASSED, TargetResult
+from edgepipe.runtime import Runner, concat, pad_tokens, run_batches
+from edgepipe.source import load_source
+from edgepipe.targets import TARGETS, Target, TargetContext, compat
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 GOLDEN_SAMPLES = 8
 
-
-@dataclasses.dataclass
-class TargetResult:
-    target: str
-    passed: bool
-    folder: Path | None
-    manifest: dict[str, Any]
-    error: str | None = None
+__all__ = ["BuildContext", "EvalSet", "TargetResult", "build", "build_target", "prepare", "preflight", "run_batches", "select_targets"]
 
 
-@dataclasses.dataclass
-class Evaluation:
-    """Eval inputs, labels and reference outputs, computed once per build."""
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """Eval inputs, labels and reference outputs, computed once per recipe; what every candidate is scored on."""
 
     batches: list[tuple[dict[str, np.ndarray], np.ndarray | None]]
     labels: np.ndarray | None
     reference: dict[str, np.ndarray]
     origin: str  # eval | calibration | synthetic
-    warnings: list[str] = dataclasses.field(default_factory=list)  # weak data: in every manifest and the report
+    warnings: tuple[str, ...] = ()  # weak data: in every manifest and the report
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What every target of one recipe reads, made once per recipe by ``prepare``."""
+
+    recipe: Recipe
+    root: Path  # OUT/<name>
+    work: Path  # scratch, removed when the recipe is done
+    force: bool
+    source: Source
+    evals: EvalSet
+    calibration: Callable | None
+
+
+OnStart = Callable[[str], None]
+OnDone = Callable[[TargetResult], None]
+
+
+def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool = False,
+          on_start: OnStart | None = None, on_done: OnDone | None = None) -> list[TargetResult]:
+    """Build the recipe's targets (or ``only`` these); one result per target, in the recipe's order.
+
+    A bad target name raises BadInput; anything else that goes wrong is the result of the targets it hit.
+    ``on_start(target)`` / ``on_done(result)`` report progress (a child process streams them to its parent).
+    """
+    targets = select_targets(recipe, only)
+    results: dict[str, TargetResult] = {}
+
+    def done(result: TargetResult) -> None:
+        results[result.target] = result
+        if on_done is not None:
+            on_done(result)
+
+    start = time.perf_counter()
+    try:
+        with prepare(recipe, out, targets, force) as ctx:
+            for name in targets:
+                if on_start is not None:
+                    on_start(name)
+                done(build_target(ctx, name))
+    except Exception as exc:  # the recipe's stages (preflight, distill, export, reference): every target left
+        for name in targets:
+            if name not in results:
+                done(failure(recipe.name, name, exc, time.perf_counter() - start))
+    return [results[t] for t in targets]
+
+
+def failure(name: str, target: str, exc: BaseException, seconds: float = 0.0) -> TargetResult:
+    """The result of a target whose build raised: its reason and exit code (a bug keeps its traceback for --debug)."""
+    code, why = classify(exc)
+    tb = traceback.format_exc() if code == 3 else None
+    if code == 3 and not isinstance(exc, EdgepipeError):
+        why = f"internal error: {why}"
+    return TargetResult(name, target, ERROR, why, code, seconds=round(seconds, 2), traceback=tb)
+
+
+@contextlib.contextmanager
+def prepare(recipe: Recipe, out: Path, targets: list[str], force: bool) -> Iterator[BuildContext]:
+    """Stages shared by the targets: preflight, distill, export (source) and the reference outputs."""
+    pre = preflight(recipe, out, targets, force)
+    root = out / recipe.name
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale(root)
+    work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
+    try:
+        source = _source(recipe, pre, work)
+        evals = _eval_set(source, pre.eval_data, pre.calibration)
+        for batch, _ in evals.batches[:1]:
+            data_mod.check_batch(batch, source.inputs, "data")
+        yield BuildContext(recipe, root, work, force, source, evals, pre.calibration)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _source(recipe: Recipe, pre: Preflight, work: Path) -> Source:
+    if not recipe.distill:
+        logger.info(f"export  {recipe.model.kind} source → ONNX")
+        return load_source(recipe, work, pre.first)
+    from edgepipe.distill_stage import run_distill
+
+    logger.info(f"distill {recipe.model.kind} teacher → student")
+    distilled = run_distill(recipe, pre.calibration, pre.eval_data, work)
+    logger.info(f"export  {recipe.model.kind} source → ONNX")
+    source = load_source(distilled.recipe, work, pre.first, distilled.module)
+    return dataclasses.replace(source, distill=distilled.record)
 
 
 def select_targets(recipe: Recipe, only: list[str] | None) -> list[str]:
@@ -89,9 +174,8 @@ def preflight(recipe: Recipe, out: Path, only: list[str] | None, force: bool) ->
     targets = select_targets(recipe, only)
     root = out / recipe.name
     for t in targets:
-        if (root / t).exists() and not force:
-            raise BadInput(f"{root / t} already exists; pass --force to replace it or choose another -o folder")
-    calibration, eval_data = _data_sources(recipe)
+        ensure_replaceable(root / t, force)
+    calibration, eval_data = data_sources(recipe)
     first_cal = next(iter(calibration()), None) if calibration else None
     if calibration is not None and first_cal is None:
         raise BadInput(f"data.calibration '{recipe.data.calibration}' yielded no batches; give it at least one batch")
@@ -106,39 +190,9 @@ def preflight(recipe: Recipe, out: Path, only: list[str] | None, force: bool) ->
     return pre
 
 
-def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool = False, log: Log = print) -> list[TargetResult]:
-    """Run the whole pipeline; returns one result per target (failed checks included)."""
-    pre = preflight(recipe, out, only, force)
-    targets, calibration, eval_data, first = pre.targets, pre.calibration, pre.eval_data, pre.first
-    root = out / recipe.name
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale(root)
-    work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
-    try:
-        distilled = None
-        if recipe.distill:
-            from edgepipe.distill_stage import run_distill
-
-            log(f"distill {recipe.model.kind} teacher → student")
-            distilled = run_distill(recipe, calibration, eval_data, work, log)
-        log(f"export  {recipe.model.kind} source → ONNX")
-        source = load_source(distilled.recipe if distilled else recipe, work, first, distilled.module if distilled else None)
-        if distilled:
-            source.distill = distilled.record
-        evaluation = _evaluation(source, eval_data, calibration)
-        evaluation.warnings = data_warnings(evaluation.origin, calibration, quantized=True)
-        for batch, _ in evaluation.batches[:1]:
-            data_mod.check_batch(batch, source.inputs, "data")
-        results = []
-        for name in targets:
-            log(f"target  {name}")
-            results.append(_build_target(recipe, TARGETS[name](), source, evaluation, calibration, root / name, force, work, log))
-        return results
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
-def _data_sources(recipe: Recipe):
+def data_sources(recipe: Recipe):
     """(calibration source, eval batches); text files are tokenized with an hf model's own tokenizer."""
     encoder = None
     if recipe.model.kind == "hf":
@@ -169,7 +223,7 @@ def _check_data_names(recipe: Recipe, batch: dict[str, np.ndarray] | None) -> No
         raise BadInput(f"data yields inputs {sorted(batch)} but the recipe declares {declared}; make the names match")
 
 
-def _evaluation(source: Source, eval_data, calibration) -> Evaluation:
+def _eval_set(source: Source, eval_data, calibration) -> EvalSet:
     if eval_data:
         batches, origin = eval_data, "eval"
     elif calibration is not None:
@@ -183,16 +237,93 @@ def _evaluation(source: Source, eval_data, calibration) -> Evaluation:
     if all(y is not None for _, y in batches):
         labels = np.concatenate([y for _, y in batches])
     reference = concat([source.reference(b) for b, _ in batches])
-    return Evaluation(batches, labels, reference, origin)
+    warnings = tuple(data_warnings(origin, calibration, quantized=True))
+    return EvalSet(batches, labels, reference, origin, warnings)
 
 
-def run_batches(runner: Runner, batches: list) -> dict[str, np.ndarray]:
-    """Artifact outputs over all batches (in chunks of the fixed batch size where there is one)."""
-    return concat([runner.run_samples(batch) for batch, _ in batches])
+# ---------------------------------------------------------------- one target
 
 
-def _run_passes(chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model, log: Log) -> tuple[ir.Model, list[dict]]:
-    pass_log = []
+@dataclasses.dataclass(frozen=True)
+class TargetStage:
+    """One target of a recipe: its profile, options and accuracy budget."""
+
+    ctx: BuildContext
+    target: Target
+    tctx: TargetContext
+    accuracy: AccuracySpec
+    metric: Metric
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """A variant's model after its passes (and the runtime cap), ready to emit."""
+
+    key: str
+    model: ir.Model
+    pass_log: list[dict]
+    runtime_cap: dict | None
+
+
+class _Failed(Exception):
+    def __init__(self, manifest: dict) -> None:
+        self.manifest = manifest
+
+
+def build_target(ctx: BuildContext, name: str) -> TargetResult:
+    """Variants → check → publish one target; never raises for a build problem (the result says it)."""
+    logger.info(f"target  {name}")
+    start = time.perf_counter()
+    try:
+        result = _build_target(ctx, name)
+    except Exception as exc:
+        result = failure(ctx.recipe.name, name, exc)
+    return dataclasses.replace(result, seconds=round(time.perf_counter() - start, 2), where=f"{os.uname().nodename}:{os.getpid()}")
+
+
+def _build_target(ctx: BuildContext, name: str) -> TargetResult:
+    recipe = ctx.recipe
+    target = TARGETS[name]()
+    spec = recipe.targets[name]
+    tctx = TargetContext(recipe, spec, ctx.calibration is not None)
+    spec_acc = target.accuracy(tctx)
+    stage = TargetStage(ctx, target, tctx, spec_acc, resolve_metric(spec_acc.metric, recipe.base_dir))
+    version = compat.requested(spec.runtime)
+    built = []
+    for variant in target.variants(tctx):
+        if variant.key != "main":
+            logger.info(f"  model {variant.key}")
+        model, pass_log = run_passes(variant.passes, _pass_context(stage, variant.key), load(ctx.source.onnx_path))
+        cap = None
+        if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
+            model, cap = compat.cap(model, version)
+        built.append(Built(variant.key, model, pass_log, cap))
+    final = ctx.root / name
+    try:
+        with staging(final, ctx.force) as tmp:
+            manifest = _check_and_write(stage, built, tmp)
+    except _Failed as failed:
+        return TargetResult(recipe.name, name, FAILED, "accuracy budget exceeded", 1, failed.manifest)
+    return TargetResult(recipe.name, name, PASSED, None, 0, manifest, final)
+
+
+def _pass_context(stage: TargetStage, key: str) -> PassContext:
+    """What a variant's passes may use: calibration data, a scratch folder, the scorer and the budget."""
+    work = stage.ctx.work / stage.target.name / key
+    ev = stage.ctx.evals
+    evaluate = Evaluator(stage.accuracy, stage.metric, ev.batches, ev.reference, ev.labels, list(stage.target.providers), work / "candidates")
+    ref = reference_value(stage.accuracy, stage.metric, ev.reference, ev.labels)
+
+    def accept(score: float) -> bool:
+        return budget_met(stage.accuracy, stage.metric, ref, evaluate.sign * score)
+
+    return PassContext(workdir=work, calibration=stage.ctx.calibration, evaluate=evaluate, accept=accept,
+                       target=stage.target.name, map=current_map())
+
+
+def run_passes(chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model) -> tuple[ir.Model, list[dict]]:
+    """Run a pass chain; a pass's unexpected exception is an internal error naming it and the passes before it."""
+    pass_log: list[dict] = []
     for entry in chain:
         p = create(entry, pctx)
         before = model_stats(model)
@@ -202,104 +333,37 @@ def _run_passes(chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model,
         except EdgepipeError:
             raise
         except Exception as exc:
-            why = explain(exc) or f"{type(exc).__name__}: {exc}"
-            raise BadInput(f"pass {p.name} failed on this model: {why}") from exc
+            why = explain(exc)  # a known onnx / onnxruntime failure: this model is not supported
+            if why:
+                raise BadInput(f"pass {p.name} failed on this model: {why}") from exc
+            raise PassError(p.name, [e["name"] for e in pass_log], exc) from exc
         model = result.model
         stats = {"before": before, "after": model_stats(model), **getattr(result, "stats", {})}
         pass_log.append({"name": p.name, "params": p.config.model_dump(), "modified": result.modified, "stats": stats})
-        log(f"  pass  {p.name:<18} nodes {before['nodes']}→{stats['after']['nodes']}  bytes {before['bytes']}→{stats['after']['bytes']}  ({time.perf_counter() - start:.1f}s)")
+        logger.info(f"  pass  {p.name:<18} nodes {before['nodes']}→{stats['after']['nodes']}  bytes {before['bytes']}→{stats['after']['bytes']}  ({time.perf_counter() - start:.1f}s)")
         if stats.get("summary"):
-            log(f"        {stats['summary']}")
+            logger.info(f"        {stats['summary']}")
     return model, pass_log
 
 
-@dataclasses.dataclass
-class _Built:
-    """A variant's model after its passes (and the runtime cap), ready to emit."""
-
-    key: str
-    model: ir.Model
-    pass_log: list[dict]
-    runtime_cap: dict | None
-
-
-def _build_target(
-    recipe: Recipe, target: Target, source: Source, ev: Evaluation, calibration, final: Path, force: bool, work: Path, log: Log
-) -> TargetResult:
-    spec = recipe.targets[target.name]
-    tctx = TargetContext(recipe, spec, calibration is not None)
-    spec_acc = target.accuracy(tctx)
-    metric = resolve_metric(spec_acc.metric, recipe.base_dir)
-    version = compat.requested(spec.runtime)
-    built = []
-    for variant in target.variants(tctx):
-        if variant.key != "main":
-            log(f"  model {variant.key}")
-        pctx = PassContext(workdir=work / target.name / variant.key, calibration=calibration, target=target.name, map=current_map())
-        pctx.evaluate, pctx.accept = _evaluator(target, spec_acc, metric, ev, work / target.name / variant.key / "candidates")
-        model, pass_log = _run_passes(variant.passes, pctx, load(source.onnx_path), log)
-        cap = None
-        if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
-            model, cap = compat.cap(model, version)
-        built.append(_Built(variant.key, model, pass_log, cap))
-    try:
-        with staging(final, force) as tmp:
-            manifest = _check_and_write(recipe, target, tctx, source, ev, built, spec_acc, metric, tmp, log)
-    except _Failed as failed:
-        return TargetResult(target.name, False, None, failed.manifest, "accuracy budget exceeded")
-    return TargetResult(target.name, True, final, manifest)
-
-
-def _evaluator(target: Target, spec: AccuracySpec, metric: Metric, ev: Evaluation, work: Path):
-    """(evaluate, accept) for passes: a candidate's metric on the eval data (higher is better), and the budget."""
-    evaluate = Evaluator(spec, metric, ev.batches, ev.reference, ev.labels, list(target.providers), work)
-    ref = reference_value(spec, metric, ev.reference, ev.labels)
-
-    def accept(score: float) -> bool:
-        return budget_met(spec, metric, ref, evaluate.sign * score)
-
-    return evaluate, accept
-
-
-def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec_acc, metric, tmp: Path, log: Log) -> dict:
+def _check_and_write(stage: TargetStage, built: list[Built], tmp: Path) -> dict:
     """Emit each model into ``tmp``, check accuracy on the emitted file itself, write golden and manifest."""
-    manifest: dict = {}
+    source = stage.ctx.source
     entries = []
     for rel, path in source.extra_files.items():  # e.g. tokenizer files: hashed in the manifest like the model
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, tmp / rel)
     for b in built:
-        emitted = target.emit(b.model, tmp, tctx, b.key)
-        runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
-        outputs = evaluate_batches(runner, tmp / emitted.model_file, ev.batches, emitted.providers, emitted.session_config)
-        acc = measure(spec_acc, metric, outputs, ev.reference, ev.labels)
-        name = emitted.model_file
-        log(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
-        golden_file = GOLDEN if b.key == "main" else f"golden.{b.key}.npz"
-        quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
-        golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}
-        feed1 = resize_batch(ev.batches[0][0], runner.fixed_batch() or 1)  # a fixed-shape model takes only its batch
-        feed1 = {k: pad_tokens(v, runner.inputs[k].shape) if k in runner.inputs else v for k, v in feed1.items()}  # float and int8 timed on the same feed
-        lat = latency(runner, feed1)
-        entry = _manifest(recipe, target, source, emitted, runner, b.pass_log, acc, ev, golden, lat, tmp)
-        if b.runtime_cap is not None:
-            entry["runtime"]["requested"] = b.runtime_cap
-        entry["warnings"] = list(ev.warnings)
-        if any(p["name"].startswith("quantize") for p in b.pass_log):
-            # Speed check: int8 that is not faster than float on its runtime says so, with the likely cause.
-            float_ms = latency(Runner(source.onnx_path, providers=emitted.providers), feed1)["p50_ms"]
-            entry["latency"]["float_p50_ms"] = float_ms
-            slow = speed_warning(tmp / emitted.model_file, lat["p50_ms"], float_ms)
-            entry["warnings"] += [f"{name}: {slow}"] if slow else []
+        acc, entry = _check_model(stage, b, tmp)
         entries.append((b.key, acc, entry))
     passed = all(acc.passed for _, acc, _ in entries)
     manifest = dict(entries[0][2])  # the primary model's fields stay at the top level
     manifest["status"] = "passed" if passed else "failed"
     manifest["warnings"] = list(dict.fromkeys(w for _, _, e in entries for w in e["warnings"]))
     for w in manifest["warnings"]:
-        log(f"  warn  {w}")
+        logger.info(f"  warn  {w}")
     if len(entries) > 1:
-        manifest["models"] = [_model_entry(key, entry) for key, _, entry in entries]
+        manifest["models"] = [model_entry(key, entry) for key, _, entry in entries]
     manifest = write_manifest(tmp, manifest)
     if not passed:
         # Nothing half-trusted is published: the failed artifact is dropped, its manifest reported.
@@ -307,22 +371,37 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
     return manifest
 
 
-def _model_entry(key: str, entry: dict) -> dict:
-    """What verify and a reader need of each model in a folder that ships several."""
-    fields = ("model_file", "runtime", "inputs", "outputs", "opset", "ir_version", "size", "passes", "accuracy", "golden", "latency")
-    extras = {k: v for k, v in entry.items() if k not in fields and k not in _COMMON}
-    return {"variant": key, **{k: entry[k] for k in fields}, **extras}
+def _check_model(stage: TargetStage, b: Built, tmp: Path) -> tuple[AccuracyResult, dict]:
+    """Emit one model, score it on the eval data, write its golden file; (accuracy, manifest entry)."""
+    source, ev, target = stage.ctx.source, stage.ctx.evals, stage.target
+    emitted = target.emit(b.model, tmp, stage.tctx, b.key)
+    runner = Runner(tmp / emitted.model_file, providers=emitted.providers, session_config=emitted.session_config)
+    outputs = evaluate_batches(runner, tmp / emitted.model_file, ev.batches, emitted.providers, emitted.session_config)
+    acc = measure(stage.accuracy, stage.metric, outputs, ev.reference, ev.labels)
+    name = emitted.model_file
+    logger.info(f"  check {name}: {acc.metric} {acc.reference:.4f} → {acc.value:.4f} (drop {acc.drop:+.4f}, budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}")
+    golden_file = GOLDEN if b.key == "main" else f"golden.{b.key}.npz"
+    quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
+    golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}
+    feed1 = resize_batch(ev.batches[0][0], runner.fixed_batch() or 1)  # a fixed-shape model takes only its batch
+    feed1 = {k: pad_tokens(v, runner.inputs[k].shape) if k in runner.inputs else v for k, v in feed1.items()}  # float and int8 timed on the same feed
+    lat = latency(runner, feed1)
+    entry = target_manifest(name=stage.ctx.recipe.name, target=target.name, description=target.description, source=source,
+                            emitted=emitted, runner=runner, pass_log=b.pass_log, acc=acc, data_origin=ev.origin,
+                            golden=golden, lat=lat, folder=tmp)
+    if b.runtime_cap is not None:
+        entry["runtime"]["requested"] = b.runtime_cap
+    entry["warnings"] = list(ev.warnings)
+    if any(p["name"].startswith("quantize") for p in b.pass_log):
+        # Speed check: int8 that is not faster than float on its runtime says so, with the likely cause.
+        float_ms = latency(Runner(source.onnx_path, providers=emitted.providers), feed1)["p50_ms"]
+        entry["latency"]["float_p50_ms"] = float_ms
+        slow = speed_warning(tmp / emitted.model_file, lat["p50_ms"], float_ms)
+        entry["warnings"] += [f"{name}: {slow}"] if slow else []
+    return acc, entry
 
 
-_COMMON = {"name", "target", "description", "status", "source", "versions"}
-
-
-class _Failed(Exception):
-    def __init__(self, manifest: dict) -> None:
-        self.manifest = manifest
-
-
-def _write_golden(path: Path, runner: Runner, ev: Evaluation, target: Target, quantized: bool) -> dict:
+def _write_golden(path: Path, runner: Runner, ev: EvalSet, target: Target, quantized: bool) -> dict:
     inputs = {k: v[:GOLDEN_SAMPLES] for k, v in ev.batches[0][0].items()}
     expected = run_batches(runner, [(inputs, None)])
     reference = {k: v[: len(next(iter(expected.values())))] for k, v in ev.reference.items()}
@@ -330,74 +409,3 @@ def _write_golden(path: Path, runner: Runner, ev: Evaluation, target: Target, qu
     share, rtol = target.golden_tolerance(quantized)
     scale = max(float(np.abs(v).max(initial=0.0)) for v in expected.values())
     return {"samples": len(next(iter(inputs.values()))), "atol": max(share * scale, 1e-6), "rtol": rtol}
-
-
-def _io(path: Path) -> tuple[list[dict], list[dict], int, int]:
-    if path.suffix == ".ort":
-        return [], [], 0, 0
-    m = onnx.load(str(path), load_external_data=False)
-    desc = describe_values
-    inits = {i.name for i in m.graph.initializer}
-    opset = default_opset(m) or 0
-    return desc(v for v in m.graph.input if v.name not in inits), desc(m.graph.output), opset, m.ir_version
-
-
-def _manifest(recipe, target, source, emitted: Emitted, runner: Runner, pass_log, acc: AccuracyResult, ev, golden, lat, folder: Path) -> dict:
-    inputs, outputs, opset, ir_version = _io(folder / emitted.model_file)
-    return {
-        "name": recipe.name,
-        "target": target.name,
-        "description": target.description,
-        "status": "passed" if acc.passed else "failed",
-        "model_file": emitted.model_file,
-        "runtime": {
-            "name": "onnxruntime",
-            "version": ort.__version__,
-            "providers": runner.providers,
-            "requested_providers": emitted.providers,
-            "session_config": emitted.session_config,
-        },
-        "inputs": inputs or [{"name": k, "dtype": v.type, "shape": v.shape} for k, v in runner.inputs.items()],
-        "outputs": outputs,
-        "opset": opset,
-        "ir_version": ir_version,
-        "source": {"kind": source.kind, "sha256": source.sha256, "export_check": _export_summary(source)},
-        "size": _sizes(folder / emitted.model_file, source.onnx_path),
-        "passes": pass_log,
-        "accuracy": {**acc.as_dict(), "data": ev.origin},
-        "golden": golden,
-        **({"distill": source.distill} if source.distill else {}),
-        "latency": lat,
-        "versions": _versions(),
-        **emitted.extras,
-    }
-
-
-def _sizes(model: Path, fp32: Path) -> dict[str, float]:
-    """Bytes of the deployable model (with external data) vs the float32 reference file."""
-    size = sum(p.stat().st_size for p in model.parent.glob(model.name + "*"))
-    ref = sum(p.stat().st_size for p in fp32.parent.glob(fp32.name + "*"))
-    return {"model_bytes": size, "fp32_bytes": ref, "ratio": round(size / ref, 4) if ref else 0.0}
-
-
-def _export_summary(source: Source) -> dict:
-    if not source.export_check:
-        return {}
-    return {
-        "cases": len(source.export_check),
-        "passed": all(c["passed"] for c in source.export_check),
-        "max_abs": max(c["max_abs"] for c in source.export_check),
-        "max_rel": max(c["max_rel"] for c in source.export_check),
-        "sizes": sorted({tuple(sorted(c["sizes"].items())) for c in source.export_check}),
-    }
-
-
-def _versions() -> dict[str, str]:
-    versions = {"edgepipe": edgepipe.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__, "onnx_ir": ir.__version__, "python": platform.python_version(), "numpy": np.__version__}
-    try:
-        import torch
-
-        versions["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return versions

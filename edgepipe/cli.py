@@ -23,116 +23,17 @@ def _console():
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from edgepipe.recipe import load_recipe
+    from edgepipe.multibuild import cmd_build as build_units
 
-    if len(args.recipe) > 1 or args.executor != "local" or args.jobs > 1 or args.address:
-        from edgepipe.multibuild import cmd_build_many
-
-        return cmd_build_many(args)
-    recipe = load_recipe(args.recipe[0])
-    only = [t.strip() for t in args.target.split(",") if t.strip()] if args.target else None
-    out = Path(args.output)
-    if args.dry_run:
-        from edgepipe.dryrun import dry_run
-
-        for line in dry_run(recipe, out, only, args.force):
-            print(f"ok   {line}")
-        print("dry run: passed (nothing was built)")
-        return 0
-    from edgepipe.archive import pack
-    from edgepipe.build import build
-    from edgepipe.progress import Progress
-    from edgepipe.report import write_report
-
-    # With --json, stdout carries only the JSON summary; progress goes to stderr.
-    progress = Progress(quiet=args.quiet, stream=sys.stderr if args.json else sys.stdout)
-    try:
-        results = build(recipe, out, only=only, force=args.force, log=progress)
-    finally:
-        progress.close()
-    archives = {}
-    if args.archive:
-        for r in results:
-            if r.folder is not None:
-                archives[r.target] = pack(r.folder, r.folder.parent / f"{recipe.name}-{r.target}.tar.gz")
-    report = write_report(out / recipe.name, recipe.name, results)
-    if args.json:
-        print(json.dumps(_json_summary(recipe.name, results, report, archives), indent=2))
-    else:
-        _summary(results, report, quiet=args.quiet)
-        for target, path in archives.items():
-            print(f"archive ({target}): {path}")
-    return 0 if all(r.passed for r in results) else 1
-
-
-def _json_summary(name: str, results, report: Path, archives: dict) -> dict:
-    return {
-        "name": name,
-        "passed": all(r.passed for r in results),
-        "report": str(report),
-        "targets": [
-            {
-                "target": r.target,
-                "passed": r.passed,
-                "error": r.error,
-                "folder": str(r.folder) if r.folder else None,
-                "archive": str(archives[r.target]) if r.target in archives else None,
-                "accuracy": r.manifest.get("accuracy"),
-                "size": r.manifest.get("size"),
-                "latency": r.manifest.get("latency"),
-                "content_sha256": r.manifest.get("content_sha256"),
-            }
-            for r in results
-        ],
-    }
-
-
-def _summary(results, report: Path, quiet: bool) -> None:
-    from rich.table import Table
-
-    table = Table(title="edgepipe build")
-    for col in ("target", "status", "size (vs fp32)", "metric: fp32 → artifact", "p50 ms (b1)", "artifact"):
-        table.add_column(col)
-    for r in results:
-        m = r.manifest
-        acc, lat = m.get("accuracy", {}), m.get("latency", {})
-        size = (r.folder / m["model_file"]).stat().st_size if r.folder else 0
-        table.add_row(
-            r.target,
-            "passed" if r.passed else f"FAILED: {r.error}",
-            f"{size / 1024:.1f} KiB ({m.get('size', {}).get('ratio', 0):.0%})" if size else "-",
-            f"{acc.get('metric')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f}",
-            f"{lat.get('p50_ms', 0):.3f}",
-            str(r.folder) if r.folder else "(not written)",
-        )
-        for extra in m.get("models", [])[1:]:  # a folder that ships several models (gpu): one row each
-            acc, lat = extra.get("accuracy", {}), extra.get("latency", {})
-            table.add_row(
-                f"  + {extra['model_file']}",
-                "passed" if acc.get("passed") else "FAILED",
-                f"{extra['size']['model_bytes'] / 1024:.1f} KiB ({extra['size']['ratio']:.0%})",
-                f"{acc.get('metric')}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f}",
-                f"{lat.get('p50_ms', 0):.3f}",
-                "",
-            )
-    console = _console()
-    if not quiet:
-        console.print(table)
-    console.print(f"report: {report}")
+    return build_units(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from edgepipe.archive import extracted, is_archive
-    from edgepipe.verify import junit_xml, verify
+    from edgepipe.api import verify
+    from edgepipe.verify import junit_xml
 
     folder = Path(args.artifact)
-    if is_archive(folder):
-        with extracted(folder) as inner:
-            checks = verify(inner)
-    elif folder.is_dir():
-        checks = verify(folder)
-    else:
-        raise BadInput(f"{folder} is not an artifact folder or .tar.gz; pass OUT/<name>/<target> or its archive")
+    checks = verify(folder).checks
     for c in checks:
         print(f"{'ok  ' if c.passed else 'FAIL'} {c.name}: {c.detail}")
     if args.junit:
@@ -212,10 +113,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="check recipe, data, passes and output folder; build nothing")
     b.add_argument("--archive", action="store_true", help="also write OUT/<name>/<name>-<target>.tar.gz (reproducible)")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout (progress on stderr)")
-    b.add_argument("--executor", choices=("local", "ray"), default="local", help="where units run (default: in-process)")
+    b.add_argument("--executor", choices=("local", "inprocess", "ray"), default="local",
+                   help="where units run: local child processes (default; a native crash costs only its target), inprocess, ray")
     b.add_argument("--address", help="Ray cluster to use: auto, HOST:PORT or ray://HOST:10001 (default: start a local Ray)")
-    b.add_argument("--jobs", type=_positive, default=1, help="local: process-pool size; ray: CPUs of the local Ray")
-    b.add_argument("--retries", type=_positive0, default=3, help="reruns of a unit whose worker died (default: 3)")
+    b.add_argument("--jobs", type=_positive, default=1, help="local: child processes at once (1: one per recipe); ray: CPUs of the local Ray")
+    b.add_argument("--retries", type=_positive0, default=3, help="reruns of a unit whose process died (default: 3)")
     b.set_defaults(func=cmd_build)
     v = sub.add_parser("verify", help="re-hash an artifact and rerun its golden I/O")
     v.add_argument("artifact", help="artifact folder or its .tar.gz")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -15,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgepipe.errors import BadInput
-from edgepipe.export import _module_digest
 
 Batch = dict[str, torch.Tensor]
 Forward = Callable[[nn.Module, Batch], torch.Tensor]
 LOSSES = ("kl", "mse", "cosine")
 KNN = 10
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- shrink helpers
@@ -28,11 +30,6 @@ KNN = 10
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def module_digest(module: nn.Module) -> str:
-    """sha256 over the state dict: the same digest the manifest's source.sha256 uses."""
-    return _module_digest(module)
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -268,7 +265,6 @@ def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temper
 
 def train(
     teacher: nn.Module, student: nn.Module, samples: dict[str, np.ndarray], forward: Forward, cfg: TrainConfig,
-    log: Callable[[str], None] = lambda _m: None,
 ) -> list[float]:
     """Train ``student`` to match the teacher's outputs on ``samples``; returns the mean loss per epoch.
 
@@ -295,7 +291,7 @@ def train(
                 total += loss.item() * len(idx)
             history.append(total / n)
             if epoch == 0 or (epoch + 1) % max(1, cfg.epochs // 5) == 0:
-                log(f"  distill epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]:.5f} ({time.perf_counter() - start:.1f}s/epoch)")
+                logger.info(f"  distill epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]:.5f} ({time.perf_counter() - start:.1f}s/epoch)")
     student.eval()
     return history
 

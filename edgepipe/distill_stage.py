@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +19,11 @@ from torch import nn
 from edgepipe import data as data_mod
 from edgepipe import distill as D
 from edgepipe.errors import BadInput, CheckFailed
+from edgepipe.export import module_digest
 from edgepipe.loader import load_callable
 from edgepipe.recipe import DistillSpec, Recipe
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "config.json")
 
 
@@ -38,7 +40,7 @@ def train_config(spec: DistillSpec) -> D.TrainConfig:
     return D.TrainConfig(spec.loss, spec.temperature, spec.epochs, spec.lr, spec.batch_size, spec.seed, spec.threads)
 
 
-def run_distill(recipe: Recipe, calibration: Callable[[], Iterator[dict]] | None, eval_data: list | None, workdir: Path, log: Log = print) -> Distilled:
+def run_distill(recipe: Recipe, calibration: Callable[[], Iterator[dict]] | None, eval_data: list | None, workdir: Path) -> Distilled:
     """Distill the recipe's teacher into a student; CheckFailed when the student misses ``distill.max_drop``."""
     spec = recipe.distill
     assert spec is not None
@@ -55,11 +57,11 @@ def run_distill(recipe: Recipe, calibration: Callable[[], Iterator[dict]] | None
         eval_samples, labels, eval_origin = samples, None, "distill data (no data.eval)"
     start = time.perf_counter()
     if recipe.model.kind == "torch":
-        result = _torch(recipe, spec, samples, eval_samples, labels, log)
+        result = _torch(recipe, spec, samples, eval_samples, labels)
     elif recipe.model.kind == "hf":
         folder, record = distill_hf_folder(
             hf_folder(recipe.model.hf or "", recipe.base_dir), workdir / "student", samples, train_config(spec), _hf_student(recipe, spec),
-            eval_samples, labels, recipe.model.task, log, recipe.base_dir,
+            eval_samples, labels, recipe.model.task, recipe.base_dir,
         )
         model = recipe.model.model_copy(update={"hf": str(folder)})
         result = Distilled(recipe.model_copy(update={"model": model}), None, record)
@@ -71,7 +73,7 @@ def run_distill(recipe: Recipe, calibration: Callable[[], Iterator[dict]] | None
     record["seconds"] = round(time.perf_counter() - start, 2)
     _check_budget(spec, record)
     m = record["metrics"]
-    log("  distill " + ", ".join(f"{k} {v}" for k, v in m.items() if k != "samples") + f" ({record['seconds']}s)")
+    logger.info("  distill " + ", ".join(f"{k} {v}" for k, v in m.items() if k != "samples") + f" ({record['seconds']}s)")
     return result
 
 
@@ -104,7 +106,7 @@ def _call_factory(ref: str, base: Path, teacher: nn.Module) -> nn.Module:
     return student
 
 
-def _torch(recipe: Recipe, spec: DistillSpec, samples: dict, eval_samples: dict, labels, log: Log) -> Distilled:
+def _torch(recipe: Recipe, spec: DistillSpec, samples: dict, eval_samples: dict, labels) -> Distilled:
     factory = load_callable(recipe.model.torch or "", recipe.base_dir)
     try:
         teacher = factory().eval()
@@ -128,21 +130,21 @@ def _torch(recipe: Recipe, spec: DistillSpec, samples: dict, eval_samples: dict,
         student, index = D.shrink_layers(teacher, spec.shrink.layers)
         how = {"shrink": "layers", "teacher_layers": index}
     forward = D.positional(names)
-    record = _train_and_measure(teacher, student, samples, forward, train_config(spec), eval_samples, labels, log)
+    record = _train_and_measure(teacher, student, samples, forward, train_config(spec), eval_samples, labels)
     record["teacher"]["source"] = recipe.model.torch
     record["student"].update(how)
     return Distilled(recipe, student, record)
 
 
-def _train_and_measure(teacher, student, samples, forward, cfg: D.TrainConfig, eval_samples, labels, log: Log) -> dict:
+def _train_and_measure(teacher, student, samples, forward, cfg: D.TrainConfig, eval_samples, labels) -> dict:
     t_out = D.outputs(teacher, eval_samples, forward).numpy()
     before = D.compare_outputs(D.outputs(student, eval_samples, forward).numpy(), t_out, labels, cfg.loss)
-    history = D.train(teacher, student, samples, forward, cfg, log)
+    history = D.train(teacher, student, samples, forward, cfg)
     s_out = D.outputs(student, eval_samples, forward).numpy()
     t_params, s_params = D.param_count(teacher), D.param_count(student)
     return {
-        "teacher": {"params": t_params, "sha256": D.module_digest(teacher)},
-        "student": {"params": s_params, "ratio": round(s_params / t_params, 4), "sha256": D.module_digest(student)},
+        "teacher": {"params": t_params, "sha256": module_digest(teacher)},
+        "student": {"params": s_params, "ratio": round(s_params / t_params, 4), "sha256": module_digest(student)},
         **dataclasses.asdict(cfg),
         "loss_history": [round(v, 6) for v in history],
         "metrics_before": before,
@@ -181,7 +183,7 @@ def hf_forward(task: str | None) -> Callable[[nn.Module, D.Batch], torch.Tensor]
 
 def distill_hf_folder(
     folder: Path, out: Path, samples: dict[str, np.ndarray], cfg: D.TrainConfig, student: int | list[int] | str,
-    eval_samples: dict[str, np.ndarray], labels: np.ndarray | None = None, task: str | None = None, log: Log = print,
+    eval_samples: dict[str, np.ndarray], labels: np.ndarray | None = None, task: str | None = None,
     base: Path | None = None,
 ) -> tuple[Path, dict]:
     """Distill a local HF encoder folder into ``out`` (a folder the hf source can export like the teacher's).
@@ -195,7 +197,7 @@ def distill_hf_folder(
         raise BadInput("distill.loss kl needs logits; for embeddings (feature-extraction) use loss: cosine or mse")
     auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
     try:
-        teacher = auto.from_pretrained(str(folder)).eval()
+        teacher = auto.from_pretrained(str(folder), local_files_only=True).eval()
     except Exception as exc:
         raise BadInput(f"distill: cannot load the teacher from {folder}: {type(exc).__name__}: {exc}") from None
     torch.manual_seed(cfg.seed)
@@ -204,7 +206,7 @@ def distill_hf_folder(
     else:
         model, index = D.shrink_layers(teacher, student)
         how = {"shrink": "layers", "teacher_layers": index}
-    record = _train_and_measure(teacher, model, samples, hf_forward(task), cfg, eval_samples, labels, log)
+    record = _train_and_measure(teacher, model, samples, hf_forward(task), cfg, eval_samples, labels)
     record["teacher"]["source"] = str(folder)
     record["student"].update(how)
     if out.exists():

@@ -1,4 +1,4 @@
-"""One error family: bad input (exit 2) and failed checks (exit 1)."""
+"""One error family: bad input (exit 2), failed checks (exit 1), internal errors (exit 3)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,34 @@ class CheckFailed(EdgepipeError):
     """A model or artifact failed a check (accuracy, export parity, verify)."""
 
     exit_code = 1
+
+
+class InternalError(EdgepipeError):
+    """A bug in edgepipe (or a pass): not the user's to fix; ``--debug`` shows the traceback."""
+
+    exit_code = 3
+
+
+class PassError(InternalError):
+    """A pass raised an unexpected exception; names the pass and the passes that ran before it (onnx-ir's model)."""
+
+    def __init__(self, name: str, before: list[str], cause: BaseException) -> None:
+        after = f" after the following passes: {', '.join(before)}" if before else " (the first pass of its chain)"
+        super().__init__(f"pass {name} raised {type(cause).__name__}: {one_line(str(cause))[:300]}{after}")
+        self.pass_name = name
+
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one-line reason) for an exception that ended a build unit.
+
+    edgepipe's own errors keep their code; OSError is the user's environment (disk, permissions): 2;
+    anything else is a bug: 3.
+    """
+    if isinstance(exc, EdgepipeError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, OSError):
+        return 2, explain(exc) or one_line(str(exc))
+    return 3, f"{type(exc).__name__}: {one_line(str(exc))[:300]}"
 
 
 def one_line(text: str) -> str:

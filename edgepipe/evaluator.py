@@ -58,9 +58,8 @@ class Evaluator:
 
     def __call__(self, model: ir.Model | onnx.ModelProto, samples: int | None = None) -> float:
         """``samples``: only the first N eval samples (a quick, ranking-grade estimate); a proto skips IR conversion."""
-        from edgepipe.build import run_batches
         from edgepipe.passes.base import save
-        from edgepipe.runtime import Runner
+        from edgepipe.runtime import Runner, run_batches
 
         ev = self.head(samples)
         if self.work is not None:

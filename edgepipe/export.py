@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import logging
 import re
 import warnings
 from collections.abc import Callable
@@ -18,7 +17,8 @@ import onnx
 from edgepipe.accuracy import compare
 from edgepipe.errors import BadInput, CheckFailed, explain, one_line
 from edgepipe.loader import load_callable
-from edgepipe.passes.base import external_threshold
+from edgepipe.logs import muted
+from edgepipe.modelio import external_threshold
 from edgepipe.recipe import Recipe
 from edgepipe.runtime import Runner
 
@@ -52,16 +52,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def describe_values(values) -> list[dict]:
-    """name, numpy dtype and shape (dim names for dynamic dims) of ONNX graph inputs/outputs."""
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
-    return out
 
 
 def onnx_io(path: Path) -> tuple[InputSpecs, list[str]]:
@@ -197,9 +187,8 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None, module: obje
     path = workdir / "source.onnx"
     args = tuple(torch.from_numpy(example[n]) for n in specs)
     kwargs = {"opset_version": recipe.model.opset} if recipe.model.opset else {}
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with muted("torch.onnx"), warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("always")
             torch.onnx.export(
                 module,
@@ -225,7 +214,7 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None, module: obje
         )
     onnx.checker.check_model(str(path))
     checks = verify_export(path, reference, specs, real, export_sizes)
-    return Source(path, reference, onnx_io(path)[0], out_names, "torch", _module_digest(module), checks)
+    return Source(path, reference, onnx_io(path)[0], out_names, "torch", module_digest(module), checks)
 
 
 def _name_outputs(result: object, names: list[str] | None) -> Outputs:
@@ -250,7 +239,7 @@ def _param_bytes(module: object) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())  # type: ignore[attr-defined]
 
 
-def _module_digest(module: object) -> str:
+def module_digest(module: object) -> str:
     """sha256 over the state dict (names, dtypes, shapes, bytes) of a torch module."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):  # type: ignore[attr-defined]
@@ -258,14 +247,3 @@ def _module_digest(module: object) -> str:
         h.update(f"{name}|{arr.dtype}|{arr.shape}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
-
-
-def load_source(recipe: Recipe, workdir: Path, real: Batch | None, module: object | None = None) -> Source:
-    kind = recipe.model.kind
-    if kind == "torch":
-        return export_torch(recipe, workdir, real, module)
-    if kind == "onnx":
-        return load_onnx_source(recipe, workdir)
-    from edgepipe.hf import export_hf  # optional extra: transformers + optimum-onnx
-
-    return export_hf(recipe, workdir, real)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -14,10 +12,10 @@ import numpy as np
 import onnx
 
 from edgepipe.errors import BadInput, one_line
-from edgepipe.export import Batch, InputSpecs, Outputs, Source, _module_digest, onnx_io, verify_export
+from edgepipe.export import Batch, InputSpecs, Outputs, Source, module_digest, onnx_io, verify_export
+from edgepipe.logs import muted
 from edgepipe.recipe import Recipe
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the network
 TASKS = {"feature-extraction": ("sentence_embedding", "token_embeddings"), "text-classification": ("logits",)}
 INPUTS = ("input_ids", "attention_mask")
 TOKENIZER_FILES = (
@@ -47,7 +45,7 @@ def text_encoder(folder: Path, max_length: int | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
         raise BadInput(one_line(f"cannot load the tokenizer from {folder}: {type(exc).__name__}: {exc}")) from None
     length = max_length or DEFAULT_MAX_LENGTH
@@ -80,7 +78,7 @@ def _wrap(folder: Path, task: str):
     auto = AutoModel if task == "feature-extraction" else AutoModelForSequenceClassification
     try:
         # eager attention exports the pattern onnxruntime's transformer fusion recognises (SDPA does not)
-        model = auto.from_pretrained(str(folder), attn_implementation="eager").eval()
+        model = auto.from_pretrained(str(folder), attn_implementation="eager", local_files_only=True).eval()
     except Exception as exc:
         raise BadInput(one_line(f"cannot load the model from {folder}: {type(exc).__name__}: {exc}")) from None
     mode, normalize = _pooling(folder)
@@ -145,9 +143,8 @@ def export_hf(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
     # TorchScript export by default: its attention graph fuses (Attention, SkipLayerNorm, BiasGelu) in
     # onnxruntime.transformers; the dynamo export's does not with ORT 1.32.
     dynamo = recipe.model.exporter == "dynamo" and "exporter" in recipe.model.model_fields_set
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with muted("torch.onnx"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 Named().eval(),
@@ -165,4 +162,4 @@ def export_hf(recipe: Recipe, workdir: Path, real: Batch | None) -> Source:
     onnx.checker.check_model(str(path))
     checks = verify_export(path, reference, specs, real, sizes)
     extra = {f"tokenizer/{name}": folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
-    return Source(path, reference, onnx_io(path)[0], outputs, "hf", _module_digest(module), checks, extra)
+    return Source(path, reference, onnx_io(path)[0], outputs, "hf", module_digest(module), checks, extra)

@@ -1,20 +1,26 @@
-"""edgepipe build with several recipes, --jobs or --executor ray: units out, artifacts published here, one table."""
+"""`edgepipe build`: plan (recipe, target) units, run them on an executor, publish, report: one path for every run."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
-from edgepipe.artifact import hash_tree, remove_stale, staging
-from edgepipe.errors import BadInput, CheckFailed
-from edgepipe.executor import Unit, UnitResult, import_ray, run_units
+from edgepipe.errors import BadInput, one_line
+from edgepipe.result import ERROR, TargetResult, as_json, exit_code
+
+logger = logging.getLogger(__name__)
 
 
-def plan(recipes: list[str], out: Path, only: list[str] | None, force: bool) -> list[Unit]:
+def plan(recipes: list[str], out: Path, only: list[str] | None, force: bool):
     """Every check that needs no build, before anything starts (bad input → exit 2); one unit per (recipe, target)."""
-    from edgepipe.build import check_writable, select_targets
+    from edgepipe.build import preflight
+    from edgepipe.executor import Plan, Unit
     from edgepipe.recipe import load_recipe
 
     units, names = [], {}
@@ -23,31 +29,13 @@ def plan(recipes: list[str], out: Path, only: list[str] | None, force: bool) -> 
         if recipe.name in names:
             raise BadInput(f"recipes {names[recipe.name]} and {path} both have name '{recipe.name}'; give each a unique name")
         names[recipe.name] = path
-        for target in select_targets(recipe, only):
-            if (out / recipe.name / target).exists() and not force:
-                raise BadInput(f"{out / recipe.name / target} already exists; pass --force to replace it or choose another -o folder")
-            units.append(Unit(str(Path(path).resolve()), recipe.name, target))
-    check_writable(out)
-    return units
+        pre = preflight(recipe, out, only, force)  # targets, existing artifacts, data, output folder
+        units += [Unit(str(Path(path).resolve()), recipe.name, target) for target in pre.targets]
+    return Plan(tuple(units), out, force)
 
 
-def publish(result: UnitResult, out: Path, force: bool) -> Path:
-    """Write a worker's artifact atomically under OUT; the files must hash to what its manifest says."""
-    final = out / result.name / result.target
-    with staging(final, force) as tmp:
-        for rel, data in result.files.items():
-            path = tmp / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        if hash_tree(tmp) != result.manifest.get("files"):
-            raise CheckFailed(f"{result.name}/{result.target}: files from the worker do not match its manifest; rebuild")
-    return final
-
-
-def cmd_build_many(args: argparse.Namespace) -> int:
-    from edgepipe.archive import pack
-    from edgepipe.build import TargetResult
-    from edgepipe.report import write_report
+def cmd_build(args: argparse.Namespace) -> int:
+    from edgepipe.executor import import_ray, run_units
 
     if args.address and args.executor != "ray":
         raise BadInput("--address needs --executor ray")
@@ -56,80 +44,126 @@ def cmd_build_many(args: argparse.Namespace) -> int:
     out = Path(args.output)
     only = [t.strip() for t in args.target.split(",") if t.strip()] if args.target else None
     if args.dry_run:
-        from edgepipe.dryrun import dry_run
-        from edgepipe.recipe import load_recipe
-
-        for path in args.recipe:
-            for line in dry_run(load_recipe(path), out, only, args.force):
-                print(f"ok   {line}")
-        print("dry run: passed (nothing was built)")
-        return 0
+        return _dry_run(args.recipe, out, only, args.force)
     units = plan(args.recipe, out, only, args.force)
-    stream = sys.stderr if args.json else sys.stdout
-    where = f"ray ({args.address or 'local'})" if args.executor == "ray" else (f"{args.jobs} local processes" if args.jobs > 1 else "in-process")
-    if not args.quiet:
-        recipes = len({u.name for u in units})
-        print(f"build   {len(units)} unit{'s' * (len(units) != 1)} ({recipes} recipe{'s' * (recipes != 1)}) on {where}", file=stream, flush=True)
+    stream = sys.stderr if args.json else sys.stdout  # with --json, stdout carries only the JSON summary
+    where = {"ray": f"ray ({args.address or 'local'})", "inprocess": "in-process"}.get(
+        args.executor, f"{args.jobs} child processes" if args.jobs > 1 else "a child process per recipe")
+    n = len(units.units)
+    recipes = len({u.name for u in units.units})
+    _say(stream, args.quiet, f"build   {n} unit{'s' * (n != 1)} ({recipes} recipe{'s' * (recipes != 1)}) on {where}")
     count = [0]
 
-    def on_done(r: UnitResult) -> None:
+    def on_done(r: TargetResult) -> None:
         count[0] += 1
-        if r.passed:
-            try:
-                r.folder = publish(r, out, args.force)
-            except (BadInput, CheckFailed, OSError) as exc:
-                r.status, r.error = "error", f"publish failed: {exc}"
-        if not args.quiet:
-            tries = f", {r.attempts} attempts" if r.attempts > 1 else ""
-            print(f"[{count[0]}/{len(units)}] {r.name}/{r.target} {r.status} in {r.seconds:.1f}s{tries}"
-                  f"{' on ' + r.where if r.where else ''}{': ' + r.error if r.error else ''}", file=stream, flush=True)
+        tries = f", {r.attempts} attempts" if r.attempts > 1 else ""
+        _say(stream, args.quiet, f"[{count[0]}/{n}] {r.name}/{r.target} {r.status} in {r.seconds:.1f}s{tries}"
+                                 f"{' on ' + r.where if r.where else ''}{': ' + r.error if r.error else ''}")
 
-    results = run_units(units, args.executor, args.jobs, args.address, args.retries, on_done)
-    reports, archives = {}, {}
-    for name in dict.fromkeys(r.name for r in results):
-        (out / name).mkdir(parents=True, exist_ok=True)
-        remove_stale(out / name)
-        mine = [TargetResult(r.target, r.passed, r.folder, r.manifest, r.error) for r in results if r.name == name]
-        reports[name] = write_report(out / name, name, mine)
-    if args.archive:
-        for r in results:
-            if r.folder is not None:
-                archives[(r.name, r.target)] = pack(r.folder, r.folder.parent / f"{r.name}-{r.target}.tar.gz")
+    with _progress(args.quiet, stream, args.executor == "inprocess"):
+        results = run_units(units, args.executor, args.jobs, args.address, args.retries, on_done,
+                            log_stream=None if args.quiet else ("stderr" if args.json else "stdout"))
+    reports, archives = finish(results, out, args.archive)
     if args.json:
-        print(json.dumps(_json(results, reports, archives), indent=2))
+        print(json.dumps(as_json(results, reports, archives), indent=2))
     else:
         _table(results, args.executor)
         for name, path in reports.items():
             print(f"report ({name}): {path}")
-    return 0 if all(r.passed for r in results) else 1
+        for (name, target), path in archives.items():
+            print(f"archive ({name}/{target}): {path}")
+    _errors(results, args.debug)
+    return exit_code(results)
 
 
-def _json(results: list[UnitResult], reports: dict, archives: dict) -> dict:
-    return {
-        "passed": all(r.passed for r in results),
-        "reports": {k: str(v) for k, v in reports.items()},
-        "units": [
-            {"recipe": r.recipe, "name": r.name, "target": r.target, "status": r.status, "error": r.error,
-             "folder": str(r.folder) if r.folder else None, "seconds": r.seconds, "attempts": r.attempts, "where": r.where,
-             "archive": str(archives[(r.name, r.target)]) if (r.name, r.target) in archives else None,
-             "accuracy": r.manifest.get("accuracy"), "content_sha256": r.manifest.get("content_sha256")}
-            for r in results
-        ],
-    }
+def _say(stream: TextIO, quiet: bool, line: str) -> None:
+    if not quiet:
+        print(line, file=stream, flush=True)
 
 
-def _table(results: list[UnitResult], executor: str) -> None:
+@contextlib.contextmanager
+def _progress(quiet: bool, stream: TextIO, active: bool) -> Iterator[None]:
+    """Route an in-process build's log lines (the edgepipe.* loggers) to a Progress for the block; restore after."""
+    if quiet or not active:
+        yield
+        return
+    from edgepipe.progress import Progress, ProgressHandler
+
+    progress = Progress(stream=stream)
+    with ProgressHandler.installed(progress):
+        try:
+            yield
+        finally:
+            progress.close()
+
+
+def finish(results: list[TargetResult], out: Path, archive: bool) -> tuple[dict, dict]:
+    """Reports (a recipe with at least one checked model) and archives of published artifacts."""
+    from edgepipe.archive import pack
+    from edgepipe.artifact import remove_stale
+    from edgepipe.report import write_report
+
+    reports, archives = {}, {}
+    for name in dict.fromkeys(r.name for r in results):
+        mine = [r for r in results if r.name == name]
+        if (out / name).is_dir():
+            remove_stale(out / name)
+        if any(r.manifest for r in mine):
+            reports[name] = write_report(out / name, name, mine)
+    if archive:
+        for r in results:
+            if r.folder is not None:
+                archives[(r.name, r.target)] = pack(r.folder, r.folder.parent / f"{r.name}-{r.target}.tar.gz")
+    return reports, archives
+
+
+def _errors(results: list[TargetResult], debug: bool) -> None:
+    """One line on stderr per distinct error (a raised check, bad input, internal error); a traceback with --debug."""
+    seen = set()
+    for r in results:
+        if r.status != ERROR or r.error in seen:
+            continue
+        seen.add(r.error)
+        if debug and r.traceback:
+            print(r.traceback, file=sys.stderr)
+        if r.exit_code == 3:
+            print(f"edgepipe: internal error: {one_line(r.error or '')} (rerun with --debug for the traceback)", file=sys.stderr)
+        else:
+            print(f"edgepipe: error: {one_line(r.error or '')}", file=sys.stderr)
+
+
+def _dry_run(recipes: list[str], out: Path, only: list[str] | None, force: bool) -> int:
+    from edgepipe.dryrun import dry_run
+    from edgepipe.recipe import load_recipe
+
+    for path in recipes:
+        for line in dry_run(load_recipe(path), out, only, force):
+            print(f"ok   {line}")
+    print("dry run: passed (nothing was built)")
+    return 0
+
+
+def _table(results: list[TargetResult], executor: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"edgepipe build ({executor})")
-    for col in ("recipe", "target", "status", "metric: fp32 → artifact", "seconds", "artifact / error"):
+    for col in ("recipe", "target", "status", "size (vs fp32)", "metric: fp32 → artifact", "p50 ms (b1)", "seconds", "artifact / error"):
         table.add_column(col)
     for r in results:
-        acc = r.manifest.get("accuracy") or {}
-        metric = f"{acc['metric']}: {acc['reference']:.4f} → {acc['value']:.4f}" if acc else "-"
-        table.add_row(r.name, r.target, r.status if r.passed else r.status.upper(), metric, f"{r.seconds:.1f}",
-                      str(r.folder) if r.folder else (r.error or "(not written)"))
+        for i, m in enumerate([r.manifest, *r.manifest.get("models", [])[1:]] if r.manifest else [{}]):
+            acc, lat, size = m.get("accuracy") or {}, m.get("latency") or {}, m.get("size") or {}
+            metric = f"{acc['metric']}: {acc['reference']:.4f} → {acc['value']:.4f}" if acc else "-"
+            status = r.status if r.passed else r.status.upper()
+            table.add_row(
+                r.name if i == 0 else "", r.target if i == 0 else f"  + {m.get('model_file')}", status if i == 0 else ("passed" if acc.get("passed") else "FAILED"),
+                f"{size['model_bytes'] / 1024:.1f} KiB ({size['ratio']:.0%})" if size else "-", metric,
+                f"{lat['p50_ms']:.3f}" if lat else "-", f"{r.seconds:.1f}" if i == 0 else "",
+                (str(r.folder) if r.folder else (r.error or "(not written)")) if i == 0 else "",
+            )
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} of {len(results)} builds passed")
+
+
+__all__ = ["cmd_build", "plan"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from typing import TextIO
 
 
@@ -36,3 +39,28 @@ class Progress:
         if self._status is not None:
             self._status.stop()
             self._status = None
+
+
+class ProgressHandler(logging.Handler):
+    """A logging handler that shows the edgepipe loggers' INFO lines on a Progress."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress(record.getMessage())
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls, progress: Progress, name: str = "edgepipe") -> Iterator[None]:
+        """Attach to logger ``name`` (INFO) for the block; its level and handlers are restored after."""
+        log = logging.getLogger(name)
+        handler, level = cls(progress), log.level
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(level)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from edgepipe.errors import BadInput, explain, one_line
@@ -46,6 +51,78 @@ def pad_tokens(arr: np.ndarray, shape: list) -> np.ndarray:
     return np.pad(arr, pads) if any(p[1] for p in pads) else arr
 
 
+def session(
+    model: str | Path | bytes,
+    providers: list[str] | None = None,
+    *,
+    threads: int | None = None,
+    opt_level: ort.GraphOptimizationLevel | None = None,
+    config: dict[str, str] | None = None,
+    optimized_path: Path | None = None,
+) -> ort.InferenceSession:
+    """The one place edgepipe makes an ONNX Runtime session (a file path or serialized bytes).
+
+    Quiet (errors only); ``threads``: intra-op threads (one inter-op); ``opt_level``: ORT's default when None;
+    ``config``: session config entries; ``optimized_path``: where ORT writes the optimized model.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if opt_level is not None:
+        options.graph_optimization_level = opt_level
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def exposed(
+    model: ir.Model | onnx.ModelProto,
+    names: Iterable[str],
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    workdir: Path | None = None,
+    max_samples: int | None = None,
+    opt_level: ort.GraphOptimizationLevel | None = None,
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run a model with the named intermediate tensors exposed as outputs: yields (feed, {name: tensor}) per batch.
+
+    The model is not modified (an ir.Model is cloned; large ones go through a file in ``workdir``). Stops once
+    ``max_samples`` samples ran. ``opt_level``: ORT_DISABLE_ALL measures the tensors exactly as in the graph.
+    """
+    names = list(dict.fromkeys(names))
+    if isinstance(model, onnx.ModelProto):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        outputs = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in outputs)
+        sess = session(probe.SerializeToString(), opt_level=opt_level)
+    else:
+        from edgepipe.modelio import clone, save
+
+        probe_ir = clone(model)
+        produced = {v.name: v for node in probe_ir.graph for v in node.outputs}
+        outputs = {v.name for v in probe_ir.graph.outputs}
+        probe_ir.graph.outputs.extend(produced[n] for n in names if n not in outputs)
+        folder = Path(tempfile.mkdtemp(prefix="exposed-", dir=workdir))
+        try:
+            sess = session(save(probe_ir, folder / "probe.onnx"), opt_level=opt_level)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    inputs = {i.name for i in sess.get_inputs()}
+    seen = 0
+    for batch in batches:
+        if max_samples is not None and seen >= max_samples:
+            break
+        feed = {k: np.asarray(v) for k, v in batch.items() if k in inputs}
+        seen += len(next(iter(feed.values())))
+        yield feed, dict(zip(names, sess.run(names, feed), strict=True))
+
+
 class Runner:
     """ONNX Runtime session for a model file; checks feeds and records providers."""
 
@@ -56,19 +133,12 @@ class Runner:
         threads: int | None = None,
         session_config: dict[str, str] | None = None,
     ) -> None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, value)
         wanted = providers or ["CPUExecutionProvider"]
         available = ort.get_available_providers()
         usable = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         start = time.perf_counter()
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=usable)
+            self.session = session(path, usable, threads=threads, config=session_config)
         except Exception as exc:
             raise BadInput(f"onnxruntime {ort.__version__} cannot load {path}: {ort_reason(exc)}") from None
         self.load_seconds = time.perf_counter() - start
@@ -114,3 +184,13 @@ class Runner:
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], size - got, axis=0)]) for k, v in chunk.items()}
             parts.append({k: v[:got] for k, v in self.run(chunk).items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-output concatenation of several runs' outputs (in order)."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def run_batches(runner: Runner, batches: list) -> dict[str, np.ndarray]:
+    """A model's outputs over ``[(inputs, labels), ...]`` batches, concatenated (fixed-batch models run in chunks)."""
+    return concat([runner.run_samples(batch) for batch, _ in batches])

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import onnx_ir as ir
-from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, quiet, save
+from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, save
 from edgepipe.passes.float_guard import attention_mask_nodes, name_nodes
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -20,6 +20,7 @@ from onnxruntime.quantization import (
 )
 
 from edgepipe.errors import BadInput
+from edgepipe.logs import quiet
 
 CALIBRATION = {
     "minmax": CalibrationMethod.MinMax,

@@ -13,7 +13,7 @@ from edgepipe.passes.tensorrt import pop_ranges
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from edgepipe.targets.trtcache import HEADER, amax, write_cache
 
-import edgepipe
+from edgepipe.version import VERSION
 
 FP16_FILE = "model.onnx"
 INT8_FILE = "model.int8.qdq.onnx"
@@ -77,7 +77,7 @@ def _write_cache(folder: Path, model: ir.Model, record: dict) -> dict:
         "fp32_model_sha256": record["fp32_model_sha256"],
         "calibration_method": record["method"],
         "calibration_samples": record["samples"],
-        "edgepipe_version": edgepipe.__version__,
+        "edgepipe_version": VERSION,
         "tensors": {
             name: {"min": lo, "max": hi, "amax": amax(lo, hi), "scale": scales[name], "quantized_in_qdq_model": name in quantized}
             for name, (lo, hi) in sorted(record["ranges"].items())

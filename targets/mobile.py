@@ -21,7 +21,7 @@ from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deplo
 from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
 from edgepipe.errors import BadInput, one_line
-from edgepipe.export import describe_values
+from edgepipe.modelio import describe_values
 
 REPORT = "usability_report.json"
 OPS_CONFIG = "required_operators.config"

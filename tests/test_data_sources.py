@@ -77,7 +77,7 @@ inputs: [{name: image, shape: [batch, 1, 8, 8], dtype: float32}]
 data: {calibration: cal.npz}
 accuracy: {metric: top1, max_drop: 1.0}
 """)
-    results = build(load_recipe(recipe), tmp_path / "out", log=lambda _m: None)
+    results = build(load_recipe(recipe), tmp_path / "out")
     warnings = results[0].manifest["warnings"]
     assert any("only 16 calibration samples" in w for w in warnings)
     assert any("measured on the calibration data" in w for w in warnings)

@@ -13,6 +13,7 @@ from torch import nn
 from edgepipe import distill as D
 from edgepipe.cli import main
 from edgepipe.errors import BadInput
+from edgepipe.export import module_digest
 from edgepipe.loader import load_callable
 
 MLP = '''
@@ -121,7 +122,7 @@ def test_training_is_deterministic():
         torch.manual_seed(1)
         student = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
         hist = D.train(teacher, student, {"x": x}, D.positional(["x"]), D.TrainConfig(epochs=2, batch_size=16, seed=3))
-        states.append((hist, D.module_digest(student)))
+        states.append((hist, module_digest(student)))
     assert states[0] == states[1]
 
 
@@ -140,7 +141,7 @@ def test_layer_shrink_and_hf_folder(tmp_path):
     ids = rng.integers(1, 64, size=(64, 12))
     samples = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     cfg = D.TrainConfig(loss="cosine", epochs=3, lr=3e-3, batch_size=16)
-    folder, record = distill_hf_folder(teacher_dir, tmp_path / "student", samples, cfg, 2, samples, log=lambda _m: None)
+    folder, record = distill_hf_folder(teacher_dir, tmp_path / "student", samples, cfg, 2, samples)
     assert record["student"]["teacher_layers"] == [0, 3]
     assert (folder / "vocab.txt").exists()
     student = AutoModel.from_pretrained(str(folder))
@@ -169,7 +170,7 @@ def test_hf_recipe_stage_points_the_export_at_the_student(tmp_path):
         "distill: {shrink: {layers: [0, 3]}, loss: cosine, epochs: 2, lr: 0.003, batch_size: 16}\n"
     )
     recipe = load_recipe(tmp_path / "recipe.yaml")
-    done = run_distill(recipe, calibration_source("calib.npz", tmp_path), None, tmp_path / "work", log=lambda _m: None)
+    done = run_distill(recipe, calibration_source("calib.npz", tmp_path), None, tmp_path / "work")
     assert done.module is None and recipe.model.hf == "teacher"  # the original recipe is untouched
     student = done.recipe.path(done.recipe.model.hf)
     assert student == tmp_path / "work" / "student" and (student / "config.json").is_file()

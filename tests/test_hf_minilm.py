@@ -48,9 +48,9 @@ def slice_recipe(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source(slice_recipe, tmp_path_factory):
-    from edgepipe.build import _data_sources
+    from edgepipe.build import data_sources
 
-    _, eval_data = _data_sources(slice_recipe)
+    _, eval_data = data_sources(slice_recipe)
     return export_hf(slice_recipe, tmp_path_factory.mktemp("export"), eval_data[0][0])
 
 
@@ -98,7 +98,7 @@ def test_fusion_reports_what_is_missing_when_patterns_do_not_match(source, tmp_p
 
 
 def test_cpu_int8_on_a_slice_keeps_the_embedding_and_ships_the_tokenizer(slice_recipe, tmp_path):
-    [result] = build(slice_recipe, tmp_path, log=lambda _m: None)
+    [result] = build(slice_recipe, tmp_path)
     assert result.passed, result.manifest.get("accuracy")
     m = result.manifest
     assert m["accuracy"]["metric"] == "cosine" and m["accuracy"]["samples"] == 16

@@ -31,7 +31,7 @@ def _spawn(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
 def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if root.is_dir() and any(p.name.startswith(".cpu.tmp-") for p in root.iterdir()):
+        if root.is_dir() and any(root.rglob(".cpu.tmp-*")):  # the child's staging, in the driver's scratch
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)

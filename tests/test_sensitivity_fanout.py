@@ -14,12 +14,11 @@ from edgepipe.passes.autoquant import quantized_nodes, sensitivity
 from edgepipe.passes.base import load
 
 from edgepipe.accuracy import BUILTIN, Metric
-from edgepipe.build import run_batches
 from edgepipe.data import eval_batches
 from edgepipe.evaluator import Evaluator
-from edgepipe.executor import ProcessMap, RayMap, local_map
+from edgepipe.fanout import ProcessMap, RayMap, local_map
 from edgepipe.recipe import AccuracySpec
-from edgepipe.runtime import Runner
+from edgepipe.runtime import Runner, run_batches
 
 
 @pytest.fixture(scope="module")
