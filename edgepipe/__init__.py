@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgepipe.version import VERSION as __version__
+from edgepipe.core.version import VERSION as __version__
 
 __all__ = ["__version__", "build", "verify"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from edgepipe.result import TargetResult, exit_code
+from edgepipe.core.result import TargetResult, exit_code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class VerifyResult:
     """Every check verify ran on an artifact folder (or its .tar.gz)."""
 
     path: Path
-    checks: list  # of edgepipe.verify.Check: name, passed, detail, seconds
+    checks: list  # of edgepipe.pipeline.verify.Check: name, passed, detail, seconds
 
     @property
     def passed(self) -> bool:
@@ -47,8 +47,8 @@ class VerifyResult:
 def build(recipe: str | Path, out: str | Path = "out", targets: list[str] | str | None = None, force: bool = False,
           executor: str = "inprocess", jobs: int = 1) -> BuildResult:
     """Build a recipe file's targets (all, or ``targets``) into ``out``; ``executor``: inprocess | local | ray."""
-    from edgepipe.executor import run_units
-    from edgepipe.multibuild import finish, plan
+    from edgepipe.cli.build import finish, plan
+    from edgepipe.scale.executor import run_units
 
     only = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
     units = plan([str(recipe)], Path(out), only, force)
@@ -59,9 +59,9 @@ def build(recipe: str | Path, out: str | Path = "out", targets: list[str] | str 
 
 def verify(path: str | Path) -> VerifyResult:
     """Re-hash an artifact and rerun its golden I/O with its own runtime."""
-    from edgepipe.archive import extracted, is_archive
-    from edgepipe.errors import BadInput
-    from edgepipe.verify import verify as verify_folder
+    from edgepipe.core.archive import extracted, is_archive
+    from edgepipe.core.errors import BadInput
+    from edgepipe.pipeline.verify import verify as verify_folder
 
     path = Path(path)
     if is_archive(path):

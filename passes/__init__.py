@@ -22,7 +22,7 @@ from edgepipe.passes.tensorrt import QuantizeTensorRt
 from edgepipe.passes.unfuse import UnfuseSkipLayerNorm
 from pydantic import ValidationError
 
-from edgepipe.errors import BadInput, one_line
+from edgepipe.core.errors import BadInput, one_line
 
 PASSES: dict[str, type[EdgepipePass]] = {
     cls.name: cls

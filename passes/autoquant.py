@@ -17,7 +17,7 @@ from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 from pydantic import model_validator
 
-from edgepipe.fanout import Mapper, local_map
+from edgepipe.core.fanout import Mapper, local_map
 
 METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic}
 # ops worth keeping in float: the ones with weights and int8 kernels (not Relu/MaxPool/Reshape around them)

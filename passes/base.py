@@ -13,9 +13,18 @@ import onnx
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
-from edgepipe.errors import BadInput
-from edgepipe.fanout import Mapper, local_map
-from edgepipe.modelio import clone, default_opset, external_threshold, is_large, load, model_stats, save, weight_bytes
+from edgepipe.core.errors import BadInput
+from edgepipe.core.fanout import Mapper, local_map
+from edgepipe.core.modelio import (
+    clone,
+    default_opset,
+    external_threshold,
+    is_large,
+    load,
+    model_stats,
+    save,
+    weight_bytes,
+)
 
 __all__ = [  # the model helpers are re-exported: every pass imports them from here
     "Batch", "EdgepipePass", "PassConfig", "PassContext", "StatsResult", "clone", "default_opset", "external_threshold",

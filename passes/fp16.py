@@ -13,8 +13,8 @@ from onnx_ir.passes import common
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 from pydantic import Field
 
-from edgepipe.errors import BadInput
-from edgepipe.logs import quiet
+from edgepipe.core.errors import BadInput
+from edgepipe.core.logs import quiet
 
 FP16_MAX = 65504.0
 # Used only when there is no calibration data to measure real ranges.

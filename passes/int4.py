@@ -10,7 +10,7 @@ from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 from edgepipe.passes.quantize import _already_quantized
 from pydantic import Field, field_validator
 
-from edgepipe.logs import quiet
+from edgepipe.core.logs import quiet
 
 
 class Int4Config(PassConfig):

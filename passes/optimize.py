@@ -8,7 +8,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, is_large, load, save
 
-from edgepipe.runtime import session
+from edgepipe.core.runtime import session
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

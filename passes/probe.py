@@ -14,8 +14,8 @@ import onnxruntime as ort
 from edgepipe.passes.base import Batch, clone
 from onnx_ir.passes import common
 
-from edgepipe.logs import muted
-from edgepipe.runtime import exposed
+from edgepipe.core.logs import muted
+from edgepipe.core.runtime import exposed
 
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 

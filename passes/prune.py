@@ -11,7 +11,7 @@ import onnx_ir as ir
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 from pydantic import Field, model_validator
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 DEFAULT_SPARSITY = 0.5
 NO_SPEEDUP = (

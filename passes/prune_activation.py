@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 from edgepipe.passes.base import PassContext
 
-from edgepipe.errors import BadInput
-from edgepipe.runtime import exposed
+from edgepipe.core.errors import BadInput
+from edgepipe.core.runtime import exposed
 
 Activity = dict[str, tuple[np.ndarray, np.ndarray]]  # value name → (mean |x|, mean x) per feature on its channel axis
 

@@ -19,8 +19,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from edgepipe.errors import BadInput
-from edgepipe.logs import quiet
+from edgepipe.core.errors import BadInput
+from edgepipe.core.logs import quiet
 
 CALIBRATION = {
     "minmax": CalibrationMethod.MinMax,

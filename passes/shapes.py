@@ -8,7 +8,7 @@ from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed, make_input_shape_fixed
 from pydantic import Field
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 
 class FixShapesConfig(PassConfig):

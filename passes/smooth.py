@@ -20,7 +20,7 @@ from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 from onnx import helper, numpy_helper
 from pydantic import Field
 
-from edgepipe.runtime import exposed
+from edgepipe.core.runtime import exposed
 
 UNARY = {"Erf", "Relu", "Tanh", "Sigmoid", "Gelu", "Neg", "Abs", "Identity"}  # one input, channel j → channel j
 BINARY = {"Add", "Sub", "Mul", "Div"}

@@ -15,8 +15,8 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import load_tensors_data
 from pydantic import Field
 
-from edgepipe.errors import BadInput
-from edgepipe.logs import quiet
+from edgepipe.core.errors import BadInput
+from edgepipe.core.logs import quiet
 
 # The ranges travel with the model (one metadata entry) so the target that writes the
 # calibration cache uses exactly the numbers the QDQ scales came from; it strips the entry.

@@ -13,7 +13,7 @@ from edgepipe.passes.tensorrt import pop_ranges
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from edgepipe.targets.trtcache import HEADER, amax, write_cache
 
-from edgepipe.version import VERSION
+from edgepipe.core.version import VERSION
 
 FP16_FILE = "model.onnx"
 INT8_FILE = "model.int8.qdq.onnx"

@@ -20,8 +20,8 @@ from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
-from edgepipe.errors import BadInput, one_line
-from edgepipe.modelio import describe_values
+from edgepipe.core.errors import BadInput, one_line
+from edgepipe.core.modelio import describe_values
 
 REPORT = "usability_report.json"
 OPS_CONFIG = "required_operators.config"

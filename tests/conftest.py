@@ -46,8 +46,8 @@ def digits_onnx(tmp_path_factory) -> Path:
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load, save
 
-    from edgepipe.export import export_torch
     from edgepipe.recipe import load_recipe
+    from edgepipe.sources.export import export_torch
 
     work = tmp_path_factory.mktemp("digits-onnx")
     source = export_torch(load_recipe(DIGITS / "recipe.yaml"), work, None)

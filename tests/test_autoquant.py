@@ -13,9 +13,9 @@ from edgepipe.passes import PassContext, create, validate_spec
 from edgepipe.passes.autoquant import keep_float, quantized_nodes
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from edgepipe.build import build
 from edgepipe.cli import main
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.pipeline.build import build
 from edgepipe.recipe import load_recipe
 
 TIGHT = """

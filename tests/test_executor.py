@@ -118,9 +118,9 @@ def test_evaluation_fans_out_as_ray_tasks(ray_local, digits_build, monkeypatch):
     import numpy as np
     import ray
 
-    from edgepipe.data import eval_batches
-    from edgepipe.fanout import RayMap, evaluate_batches, using
-    from edgepipe.runtime import Runner, run_batches
+    from edgepipe.core.fanout import RayMap, evaluate_batches, using
+    from edgepipe.core.runtime import Runner, run_batches
+    from edgepipe.sources.data import eval_batches
 
     model = digits_build / "cpu" / "model.onnx"
     batches = eval_batches("data.py:evaluation", DIGITS)

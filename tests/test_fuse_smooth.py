@@ -12,7 +12,7 @@ import pytest
 from edgepipe.passes import PassContext, create
 from edgepipe.passes.fuse import expected_fusions, shape_inference_failure
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 RNG = np.random.default_rng(0)
 

@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from edgepipe.artifact import read_manifest
-from edgepipe.errors import EdgepipeError
-from edgepipe.export import check_onnx_file
-from edgepipe.inspect_model import inspect_model
+from edgepipe.core.artifact import read_manifest
+from edgepipe.core.errors import EdgepipeError
+from edgepipe.pipeline.inspect_model import inspect_model
+from edgepipe.pipeline.verify import verify
 from edgepipe.recipe import load_recipe, parse_recipe
-from edgepipe.verify import verify
+from edgepipe.sources.export import check_onnx_file
 
 EXAMPLES = int(os.environ.get("EDGEPIPE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

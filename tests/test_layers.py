@@ -11,34 +11,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"edgepipe": ROOT / "edgepipe", "edgepipe.passes": ROOT / "passes", "edgepipe.targets": ROOT / "targets"}
 
-# Lowest first; a module may import its own layer and the layers below it.
-LAYERS: list[tuple[str, set[str]]] = [
-    ("core", {"version", "errors", "logs", "loader", "modelio", "result", "progress", "archive", "artifact", "runtime", "bench", "fanout"}),
-    ("passes", {"passes"}),
-    ("targets", {"targets"}),
-    ("recipe", {"recipe"}),
-    ("sources", {"accuracy", "images", "data", "source", "hf", "export", "distill"}),
-    ("pipeline", {"evaluator", "checks", "manifest", "distill_stage", "build", "dryrun", "verify", "report", "inspect_model"}),
-    ("scale", {"executor"}),
-    ("cli", {"multibuild", "api", "cli", "__main__", "__init__"}),
-]
+# Lowest first; a module may import its own layer and the layers below it. Folders are layers.
+LAYERS: list[str] = ["core", "passes", "targets", "recipe", "sources", "pipeline", "scale", "cli"]
+TOP = {"edgepipe.recipe": "recipe", "edgepipe.api": "cli", "edgepipe.__main__": "cli", "edgepipe": "cli"}
 
 
 def _modules() -> dict[str, Path]:
     found = {}
     for package, folder in FOLDERS.items():
-        for path in sorted(folder.glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted(folder.rglob("*.py")):
+            parts = [*package.split("."), *path.relative_to(folder).with_suffix("").parts]
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
 def _layer(module: str) -> int:
     parts = module.split(".")
-    key = "__init__" if module == "edgepipe" else (parts[1] if len(parts) > 1 else parts[0])
-    for i, (_, names) in enumerate(LAYERS):
-        if key in names:
-            return i
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and docs/architecture.md)")
+    name = TOP.get(module) or (parts[1] if len(parts) > 2 or module in ("edgepipe.passes", "edgepipe.targets") or parts[1] in LAYERS else None)
+    assert name in LAYERS, f"{module} is in no layer: put it in a layer's folder (docs/architecture.md)"
+    return LAYERS.index(name)
 
 
 def _imports(path: Path, module: str, known: set[str]) -> set[str]:
@@ -70,7 +61,7 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_every_import_points_down():
-    upward = [f"{m} ({LAYERS[_layer(m)][0]}) imports {d} ({LAYERS[_layer(d)][0]})"
+    upward = [f"{m} ({LAYERS[_layer(m)]}) imports {d} ({LAYERS[_layer(d)]})"
               for m, deps in _graph().items() for d in sorted(deps) if _layer(d) > _layer(m)]
     assert not upward, "\n".join(upward)
 

@@ -9,10 +9,10 @@ from edgepipe.passes import PASSES, PassContext
 from edgepipe.passes.base import load
 from passes_util import check_contract, digits_split, digits_train
 
-from edgepipe.accuracy import BUILTIN
-from edgepipe.evaluator import Evaluator
+from edgepipe.core.runtime import Runner, run_batches
+from edgepipe.pipeline.evaluator import Evaluator
 from edgepipe.recipe import AccuracySpec
-from edgepipe.runtime import Runner, run_batches
+from edgepipe.sources.accuracy import BUILTIN
 
 
 def _fingerprint(model: ir.Model) -> bytes:

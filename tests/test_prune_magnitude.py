@@ -11,7 +11,7 @@ from edgepipe.passes.prune import PruneMagnitude
 from edgepipe.passes.prune_structured import PruneStructured
 from passes_util import check_contract, make_model, node, run, same, tensor, top1
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 RNG = np.random.default_rng(2)
 

@@ -10,7 +10,7 @@ from edgepipe.passes.base import load, model_stats
 from edgepipe.passes.prune_structured import PruneStructured
 from passes_util import check_contract, digits_train, make_model, node, run, same, tensor, top1
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 RNG = np.random.default_rng(1)
 

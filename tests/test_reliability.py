@@ -108,7 +108,7 @@ def test_large_model_path_uses_external_data(tmp_path, monkeypatch):
 
 def test_kill_between_publish_renames_is_recovered(artifact):
     # publish() moved the old artifact aside, then died before moving the new one in.
-    from edgepipe.artifact import remove_stale
+    from edgepipe.core.artifact import remove_stale
 
     root = artifact.parent
     aside = root / ".cpu.old-999999999"

@@ -13,7 +13,7 @@ from conftest import DIGITS, write_recipe
 from edgepipe.targets.compat import ORT_LIMITS, cap, requested
 
 from edgepipe.cli import main
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 RELU21 = """<ir_version: 10, opset_import: ["" : 21]>
 agraph (float[N, 4] x) => (float[N, 4] y) { y = Relu(x) }"""

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepipe import data as data_mod
-from edgepipe import distill as D
-from edgepipe.errors import BadInput, CheckFailed
-from edgepipe.export import module_digest
-from edgepipe.loader import load_callable
+from edgepipe.core.errors import BadInput, CheckFailed
+from edgepipe.core.loader import load_callable
 from edgepipe.recipe import DistillSpec, Recipe
+from edgepipe.sources import data as data_mod
+from edgepipe.sources import distill as D
+from edgepipe.sources.export import module_digest
 
 logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "config.json")

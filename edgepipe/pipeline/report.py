@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgepipe.result import TargetResult
+from edgepipe.core.result import TargetResult
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 CSS = """

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgepipe.errors import BadInput, EdgepipeError, one_line
+from edgepipe.core.errors import BadInput, EdgepipeError, one_line
 
 INTERNAL_ERROR = 3
 
@@ -23,14 +23,14 @@ def _console():
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from edgepipe.multibuild import cmd_build as build_units
+    from edgepipe.cli.build import cmd_build as build_units
 
     return build_units(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from edgepipe.api import verify
-    from edgepipe.verify import junit_xml
+    from edgepipe.pipeline.verify import junit_xml
 
     folder = Path(args.artifact)
     checks = verify(folder).checks
@@ -44,9 +44,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edgepipe.artifact import GOLDEN, load_golden, read_manifest
-    from edgepipe.bench import latency, peak_rss_mb, resize_batch
-    from edgepipe.runtime import Runner
+    from edgepipe.core.artifact import GOLDEN, load_golden, read_manifest
+    from edgepipe.core.bench import latency, peak_rss_mb, resize_batch
+    from edgepipe.core.runtime import Runner
 
     folder = Path(args.artifact)
     manifest = read_manifest(folder)
@@ -73,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from edgepipe.inspect_model import inspect_model
+    from edgepipe.pipeline.inspect_model import inspect_model
 
     info = inspect_model(Path(args.model))
     if args.json:
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions, vanished files: the user's environment
         if debug:
             traceback.print_exc()
-        from edgepipe.errors import explain
+        from edgepipe.core.errors import explain
 
         print(f"edgepipe: error: {explain(exc) or one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 from google.protobuf.message import DecodeError
 
-from edgepipe.errors import BadInput, one_line
+from edgepipe.core.errors import BadInput, one_line
 from edgepipe.passes.base import model_stats
 
 

@@ -11,17 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from edgepipe.errors import BadInput, one_line
-from edgepipe.result import ERROR, TargetResult, as_json, exit_code
+from edgepipe.core.errors import BadInput, one_line
+from edgepipe.core.result import ERROR, TargetResult, as_json, exit_code
 
 logger = logging.getLogger(__name__)
 
 
 def plan(recipes: list[str], out: Path, only: list[str] | None, force: bool):
     """Every check that needs no build, before anything starts (bad input → exit 2); one unit per (recipe, target)."""
-    from edgepipe.build import preflight
-    from edgepipe.executor import Plan, Unit
+    from edgepipe.pipeline.build import preflight
     from edgepipe.recipe import load_recipe
+    from edgepipe.scale.executor import Plan, Unit
 
     units, names = [], {}
     for path in recipes:
@@ -35,7 +35,7 @@ def plan(recipes: list[str], out: Path, only: list[str] | None, force: bool):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from edgepipe.executor import import_ray, run_units
+    from edgepipe.scale.executor import import_ray, run_units
 
     if args.address and args.executor != "ray":
         raise BadInput("--address needs --executor ray")
@@ -87,7 +87,7 @@ def _progress(quiet: bool, stream: TextIO, active: bool) -> Iterator[None]:
     if quiet or not active:
         yield
         return
-    from edgepipe.progress import Progress, ProgressHandler
+    from edgepipe.core.progress import Progress, ProgressHandler
 
     progress = Progress(stream=stream)
     with ProgressHandler.installed(progress):
@@ -99,9 +99,9 @@ def _progress(quiet: bool, stream: TextIO, active: bool) -> Iterator[None]:
 
 def finish(results: list[TargetResult], out: Path, archive: bool) -> tuple[dict, dict]:
     """Reports (a recipe with at least one checked model) and archives of published artifacts."""
-    from edgepipe.archive import pack
-    from edgepipe.artifact import remove_stale
-    from edgepipe.report import write_report
+    from edgepipe.core.archive import pack
+    from edgepipe.core.artifact import remove_stale
+    from edgepipe.pipeline.report import write_report
 
     reports, archives = {}, {}
     for name in dict.fromkeys(r.name for r in results):
@@ -133,7 +133,7 @@ def _errors(results: list[TargetResult], debug: bool) -> None:
 
 
 def _dry_run(recipes: list[str], out: Path, only: list[str] | None, force: bool) -> int:
-    from edgepipe.dryrun import dry_run
+    from edgepipe.pipeline.dryrun import dry_run
     from edgepipe.recipe import load_recipe
 
     for path in recipes:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgepipe.build import preflight
-from edgepipe.errors import BadInput
-from edgepipe.loader import load_callable
+from edgepipe.core.errors import BadInput
+from edgepipe.core.loader import load_callable
 from edgepipe.passes import validate_spec
+from edgepipe.pipeline.build import preflight
 from edgepipe.recipe import Recipe
 from edgepipe.targets import TARGETS, TargetContext
 
@@ -28,7 +28,7 @@ def dry_run(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> l
         load_callable(recipe.model.torch or "", recipe.base_dir)
         lines.append(f"model factory {recipe.model.torch}: importable")
     elif recipe.model.kind == "onnx":
-        from edgepipe.export import load_onnx_source
+        from edgepipe.sources.export import load_onnx_source
 
         load_onnx_source(recipe, out / recipe.name)
         lines.append(f"model {recipe.model.onnx}: valid ONNX, loads in onnxruntime {ort.__version__}")

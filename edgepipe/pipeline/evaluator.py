@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgepipe.accuracy import BUILTIN, Metric, measure
 from edgepipe.recipe import AccuracySpec
+from edgepipe.sources.accuracy import BUILTIN, Metric, measure
 
 
 @dataclasses.dataclass
@@ -58,8 +58,8 @@ class Evaluator:
 
     def __call__(self, model: ir.Model | onnx.ModelProto, samples: int | None = None) -> float:
         """``samples``: only the first N eval samples (a quick, ranking-grade estimate); a proto skips IR conversion."""
+        from edgepipe.core.runtime import Runner, run_batches
         from edgepipe.passes.base import save
-        from edgepipe.runtime import Runner, run_batches
 
         ev = self.head(samples)
         if self.work is not None:

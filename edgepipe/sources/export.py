@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgepipe.accuracy import compare
-from edgepipe.errors import BadInput, CheckFailed, explain, one_line
-from edgepipe.loader import load_callable
-from edgepipe.logs import muted
-from edgepipe.modelio import external_threshold
+from edgepipe.core.errors import BadInput, CheckFailed, explain, one_line
+from edgepipe.core.loader import load_callable
+from edgepipe.core.logs import muted
+from edgepipe.core.modelio import external_threshold
+from edgepipe.core.runtime import Runner
 from edgepipe.recipe import Recipe
-from edgepipe.runtime import Runner
+from edgepipe.sources.accuracy import compare
 
 Batch = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]

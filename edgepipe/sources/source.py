@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgepipe.export import Batch, Source, export_torch, load_onnx_source
 from edgepipe.recipe import Recipe
+from edgepipe.sources.export import Batch, Source, export_torch, load_onnx_source
 
 
 def load_source(recipe: Recipe, workdir: Path, real: Batch | None, module: object | None = None) -> Source:
@@ -14,6 +14,6 @@ def load_source(recipe: Recipe, workdir: Path, real: Batch | None, module: objec
         return export_torch(recipe, workdir, real, module)
     if kind == "onnx":
         return load_onnx_source(recipe, workdir)
-    from edgepipe.hf import export_hf  # optional extra: transformers + optimum-onnx
+    from edgepipe.sources.hf import export_hf  # optional extra: transformers + optimum-onnx
 
     return export_hf(recipe, workdir, real)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.errors import BadInput
-from edgepipe.loader import load_callable
+from edgepipe.core.errors import BadInput
+from edgepipe.core.loader import load_callable
 from edgepipe.recipe import AccuracySpec
 
 Outputs = dict[str, np.ndarray]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 
 def split_ref(ref: str, base: Path) -> tuple[Path, str]:

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from edgepipe.accuracy import compare
-from edgepipe.artifact import GOLDEN, MANIFEST, hash_tree, load_golden, manifest_digest, read_manifest
-from edgepipe.runtime import Runner
+from edgepipe.core.artifact import GOLDEN, MANIFEST, hash_tree, load_golden, manifest_digest, read_manifest
+from edgepipe.core.runtime import Runner
+from edgepipe.sources.accuracy import compare
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ def junit_xml(folder: Path, checks: list[Check]) -> str:
     cases = []
     for c in checks:
         body = "" if c.passed else f"<failure message={quoteattr(c.detail)}>{escape(c.detail)}</failure>"
-        cases.append(f'  <testcase classname={quoteattr("edgepipe.verify")} name={quoteattr(c.name)} time="{c.seconds:.3f}">{body}</testcase>')
+        cases.append(f'  <testcase classname={quoteattr("edgepipe.pipeline.verify")} name={quoteattr(c.name)} time="{c.seconds:.3f}">{body}</testcase>')
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<testsuite name={quoteattr(f'edgepipe verify {folder}')} tests=\"{len(checks)}\" failures=\"{failures}\">\n"

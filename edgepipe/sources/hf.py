@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgepipe.errors import BadInput, one_line
-from edgepipe.export import Batch, InputSpecs, Outputs, Source, module_digest, onnx_io, verify_export
-from edgepipe.logs import muted
+from edgepipe.core.errors import BadInput, one_line
+from edgepipe.core.logs import muted
 from edgepipe.recipe import Recipe
+from edgepipe.sources.export import Batch, InputSpecs, Outputs, Source, module_digest, onnx_io, verify_export
 
 TASKS = {"feature-extraction": ("sentence_embedding", "token_embeddings"), "text-classification": ("logits",)}
 INPUTS = ("input_ids", "attention_mask")

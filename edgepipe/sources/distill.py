@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 Batch = dict[str, torch.Tensor]
 Forward = Callable[[nn.Module, Batch], torch.Tensor]

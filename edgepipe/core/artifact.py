@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.errors import BadInput
-from edgepipe.loader import load_callable
+from edgepipe.core.errors import BadInput
+from edgepipe.core.loader import load_callable
 
 Batch = dict[str, np.ndarray]
 Labelled = tuple[Batch, np.ndarray | None]
@@ -21,7 +21,7 @@ TEXT_SUFFIXES = (".txt", ".text")
 def calibration_source(ref: str, base: Path, encoder: Encoder | None = None, images: tuple | None = None) -> Callable[[], Iterator[Batch]]:
     """A re-iterable calibration source (each call starts over); ``images``: (preprocess, input name)."""
     if (base / ref).is_dir():
-        from edgepipe.images import image_batches
+        from edgepipe.sources.images import image_batches
 
         folder, spec, name = (base / ref).resolve(), *_image_spec(images, ref)
         return lambda: (inputs for inputs, _ in image_batches(folder, spec, name))
@@ -38,7 +38,7 @@ def calibration_source(ref: str, base: Path, encoder: Encoder | None = None, ima
 def eval_batches(ref: str, base: Path, encoder: Encoder | None = None, images: tuple | None = None) -> list[Labelled]:
     """All evaluation batches, in memory: (inputs, labels or None; class sub-folders give labels)."""
     if (base / ref).is_dir():
-        from edgepipe.images import image_batches
+        from edgepipe.sources.images import image_batches
 
         return list(image_batches((base / ref).resolve(), *_image_spec(images, ref)))
     if ref.endswith(".npz"):

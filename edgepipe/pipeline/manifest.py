@@ -10,12 +10,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from edgepipe.accuracy import AccuracyResult
-from edgepipe.export import Source
-from edgepipe.modelio import default_opset, describe_values
-from edgepipe.runtime import Runner
+from edgepipe.core.modelio import default_opset, describe_values
+from edgepipe.core.runtime import Runner
+from edgepipe.core.version import VERSION
+from edgepipe.sources.accuracy import AccuracyResult
+from edgepipe.sources.export import Source
 from edgepipe.targets import Emitted
-from edgepipe.version import VERSION
 
 
 def model_entry(key: str, entry: dict) -> dict:

@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from edgepipe.errors import BadInput, explain, one_line
+from edgepipe.core.errors import BadInput, explain, one_line
 
 ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -102,7 +102,7 @@ def exposed(
         probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in outputs)
         sess = session(probe.SerializeToString(), opt_level=opt_level)
     else:
-        from edgepipe.modelio import clone, save
+        from edgepipe.core.modelio import clone, save
 
         probe_ir = clone(model)
         produced = {v.name: v for node in probe_ir.graph for v in node.outputs}

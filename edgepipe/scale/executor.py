@@ -29,12 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgepipe.artifact import ensure_replaceable, hash_tree, remove_stale, staging
-from edgepipe.artifact import publish as publish_folder
-from edgepipe.build import build, failure
-from edgepipe.errors import BadInput, CheckFailed, classify, one_line
-from edgepipe.fanout import RAY_MISSING, RETRIES, RayMap, local_map, using
-from edgepipe.result import CRASHED, ERROR, PASSED, TargetResult
+from edgepipe.core.artifact import ensure_replaceable, hash_tree, remove_stale, staging
+from edgepipe.core.artifact import publish as publish_folder
+from edgepipe.core.errors import BadInput, CheckFailed, classify, one_line
+from edgepipe.core.fanout import RAY_MISSING, RETRIES, RayMap, local_map, using
+from edgepipe.core.result import CRASHED, ERROR, PASSED, TargetResult
+from edgepipe.pipeline.build import build, failure
 
 EXECUTORS = ("local", "inprocess", "ray")
 Done = Callable[[TargetResult], None]
@@ -201,7 +201,7 @@ def _run_children(plan: Plan, jobs: int, retries: int, done: Done, log_stream: s
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["edgepipe.build"])  # torch & co. imported once, in the server
+    ctx.set_forkserver_preload(["edgepipe.pipeline.build"])  # torch & co. imported once, in the server
     queue = collections.deque(_groups(plan.units, per_recipe=jobs <= 1))
     attempts: collections.Counter[Unit] = collections.Counter()
     results: list[TargetResult] = []

@@ -21,22 +21,22 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgepipe import data as data_mod
-from edgepipe.accuracy import AccuracyResult, Metric, budget_met, measure, reference_value, resolve_metric
-from edgepipe.artifact import GOLDEN, ensure_replaceable, remove_stale, save_golden, staging, write_manifest
-from edgepipe.bench import latency, resize_batch
-from edgepipe.checks import data_warnings, speed_warning
-from edgepipe.errors import BadInput, EdgepipeError, PassError, classify, explain
-from edgepipe.evaluator import Evaluator
-from edgepipe.export import Source
-from edgepipe.fanout import current_map, evaluate_batches
-from edgepipe.manifest import model_entry, target_manifest
+from edgepipe.core.artifact import GOLDEN, ensure_replaceable, remove_stale, save_golden, staging, write_manifest
+from edgepipe.core.bench import latency, resize_batch
+from edgepipe.core.errors import BadInput, EdgepipeError, PassError, classify, explain
+from edgepipe.core.fanout import current_map, evaluate_batches
+from edgepipe.core.result import ERROR, FAILED, PASSED, TargetResult
+from edgepipe.core.runtime import Runner, concat, pad_tokens, run_batches
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load
+from edgepipe.pipeline.checks import data_warnings, speed_warning
+from edgepipe.pipeline.evaluator import Evaluator
+from edgepipe.pipeline.manifest import model_entry, target_manifest
 from edgepipe.recipe import AccuracySpec, Recipe
-from edgepipe.result import ERROR, FAILED, PASSED, TargetResult
-from edgepipe.runtime import Runner, concat, pad_tokens, run_batches
-from edgepipe.source import load_source
+from edgepipe.sources import data as data_mod
+from edgepipe.sources.accuracy import AccuracyResult, Metric, budget_met, measure, reference_value, resolve_metric
+from edgepipe.sources.export import Source
+from edgepipe.sources.source import load_source
 from edgepipe.targets import TARGETS, Target, TargetContext, compat
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def _source(recipe: Recipe, pre: Preflight, work: Path) -> Source:
     if not recipe.distill:
         logger.info(f"export  {recipe.model.kind} source → ONNX")
         return load_source(recipe, work, pre.first)
-    from edgepipe.distill_stage import run_distill
+    from edgepipe.pipeline.distill_stage import run_distill
 
     logger.info(f"distill {recipe.model.kind} teacher → student")
     distilled = run_distill(recipe, pre.calibration, pre.eval_data, work)
@@ -196,7 +196,7 @@ def data_sources(recipe: Recipe):
     """(calibration source, eval batches); text files are tokenized with an hf model's own tokenizer."""
     encoder = None
     if recipe.model.kind == "hf":
-        from edgepipe.hf import hf_folder, text_encoder
+        from edgepipe.sources.hf import hf_folder, text_encoder
 
         encoder = text_encoder(hf_folder(recipe), recipe.data.max_length)
     d, base = recipe.data, recipe.base_dir
@@ -229,7 +229,7 @@ def _eval_set(source: Source, eval_data, calibration) -> EvalSet:
     elif calibration is not None:
         batches, origin = [(b, None) for b in calibration()], "calibration"
     else:
-        from edgepipe.export import sample_batch
+        from edgepipe.sources.export import sample_batch
 
         sizes = {d: 1 for _, shape in source.inputs.values() for d in shape if isinstance(d, str)}
         batches, origin = [(sample_batch(source.inputs, None, sizes, seed=s), None) for s in range(16)], "synthetic"

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 
 def pack(folder: Path, dest: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 from edgepipe.recipe import ImagePreprocess
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -95,7 +95,7 @@ def evaluate_batches(runner: Any, model_path: Path, batches: list, providers: li
     ``EDGEPIPE_FANOUT_MIN_SECONDS`` (default 2 s; a task that loads the model costs about a second).
     Chunks are concatenated in order, so the result equals the in-process one.
     """
-    from edgepipe.runtime import concat, run_batches
+    from edgepipe.core.runtime import concat, run_batches
 
     mapper = current_map()
     width = int(getattr(mapper, "width", 1))
@@ -113,7 +113,7 @@ def evaluate_batches(runner: Any, model_path: Path, batches: list, providers: li
 
 
 def _eval_chunk(model_file: str, blob: dict[str, bytes], providers: list[str], session_config: dict[str, str], chunk: list) -> dict:
-    from edgepipe.runtime import Runner, run_batches
+    from edgepipe.core.runtime import Runner, run_batches
 
     with tempfile.TemporaryDirectory(prefix="edgepipe-eval-") as tmp:
         for name, data in blob.items():  # the model with its external data, if any

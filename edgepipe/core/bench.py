@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from edgepipe.runtime import Runner
+from edgepipe.core.runtime import Runner
 
 Batch = dict[str, np.ndarray]
 
