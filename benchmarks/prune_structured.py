@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_util as bu  # noqa: E402
+
 from edgepipe.passes import PassContext  # noqa: E402
 from edgepipe.passes.prune_structured import PruneStructured  # noqa: E402
 
@@ -27,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def digits_onnx() -> ir.Model:
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load
-
     from edgepipe.recipe import load_recipe
     from edgepipe.sources.export import export_torch
 

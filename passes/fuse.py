@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, load, save
 
 from edgepipe.core.logs import quiet
 from edgepipe.core.runtime import session as ort_session
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, load, save
 
 # fused op -> the float ops whose count says how many of it a fully fused graph has
 GELU_OPS = ("Gelu", "BiasGelu", "FastGelu")

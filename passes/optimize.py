@@ -6,9 +6,9 @@ from typing import Literal
 
 import onnx_ir as ir
 import onnxruntime as ort
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, is_large, load, save
 
 from edgepipe.core.runtime import session
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, is_large, load, save
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

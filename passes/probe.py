@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from edgepipe.passes.base import Batch, clone
 from onnx_ir.passes import common
 
 from edgepipe.core.logs import muted
 from edgepipe.core.runtime import exposed
+from edgepipe.passes.base import Batch, clone
 
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from edgepipe.passes.base import PassContext
 
 from edgepipe.core.errors import BadInput
 from edgepipe.core.runtime import exposed
+from edgepipe.passes.base import PassContext
 
 Activity = dict[str, tuple[np.ndarray, np.ndarray]]  # value name → (mean |x|, mean x) per feature on its channel axis
 

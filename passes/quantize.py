@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 import onnx_ir as ir
-from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, save
-from edgepipe.passes.float_guard import attention_mask_nodes, name_nodes
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -21,6 +19,8 @@ from onnxruntime.quantization import (
 
 from edgepipe.core.errors import BadInput
 from edgepipe.core.logs import quiet
+from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, save
+from edgepipe.passes.float_guard import attention_mask_nodes, name_nodes
 
 CALIBRATION = {
     "minmax": CalibrationMethod.MinMax,

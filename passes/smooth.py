@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 from onnx import helper, numpy_helper
 from pydantic import Field
 
 from edgepipe.core.runtime import exposed
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 
 UNARY = {"Erf", "Relu", "Tanh", "Sigmoid", "Gelu", "Neg", "Abs", "Identity"}  # one input, channel j → channel j
 BINARY = {"Add", "Sub", "Mul", "Div"}

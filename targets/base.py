@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
+
 from edgepipe.passes.base import save
 
 if TYPE_CHECKING:  # annotations only: the recipe layer sits above the targets it names

@@ -8,12 +8,12 @@ from typing import Any
 
 import onnx_ir as ir
 import onnxruntime as ort
+
+from edgepipe.core.version import VERSION
 from edgepipe.passes.base import save
 from edgepipe.passes.tensorrt import pop_ranges
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from edgepipe.targets.trtcache import HEADER, amax, write_cache
-
-from edgepipe.core.version import VERSION
 
 FP16_FILE = "model.onnx"
 INT8_FILE = "model.int8.qdq.onnx"

@@ -15,13 +15,13 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import default_opset, save
-from edgepipe.targets import compat
-from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
 from edgepipe.core.errors import BadInput, one_line
 from edgepipe.core.modelio import describe_values
+from edgepipe.passes.base import default_opset, save
+from edgepipe.targets import compat
+from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 
 REPORT = "usability_report.json"
 OPS_CONFIG = "required_operators.config"

@@ -45,7 +45,6 @@ def digits_onnx(tmp_path_factory) -> Path:
     """The digits CNN exported by edgepipe (dynamo, checked) and cleaned: the real model pass tests use."""
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load, save
-
     from edgepipe.recipe import load_recipe
     from edgepipe.sources.export import export_torch
 

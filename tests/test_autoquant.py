@@ -9,12 +9,12 @@ from pathlib import Path
 import onnx
 import pytest
 from conftest import write_recipe
-from edgepipe.passes import PassContext, create, validate_spec
-from edgepipe.passes.autoquant import keep_float, quantized_nodes
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgepipe.cli import main
 from edgepipe.core.errors import BadInput
+from edgepipe.passes import PassContext, create, validate_spec
+from edgepipe.passes.autoquant import keep_float, quantized_nodes
 from edgepipe.pipeline.build import build
 from edgepipe.recipe import load_recipe
 

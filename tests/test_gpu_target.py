@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import onnx
-from edgepipe.targets.trtcache import HEADER, encode, read_cache, scale_of, write_cache
 from onnx import numpy_helper
 
 from edgepipe.cli import main
 from edgepipe.core.artifact import load_golden, save_golden
+from edgepipe.targets.trtcache import HEADER, encode, read_cache, scale_of, write_cache
 
 
 def _manifest(folder):

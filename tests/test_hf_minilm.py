@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from edgepipe.passes import PassContext, create
-from edgepipe.passes.base import load
 
 from edgepipe.core.errors import BadInput
+from edgepipe.passes import PassContext, create
+from edgepipe.passes.base import load
 from edgepipe.pipeline.build import build
 from edgepipe.recipe import load_recipe, parse_recipe
 from edgepipe.sources.export import file_sha256

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 from conftest import DIGITS, write_recipe
-from edgepipe.passes import PASSES
-from edgepipe.passes.base import EdgepipePass, StatsResult
 
 from edgepipe.cli import main
+from edgepipe.passes import PASSES
+from edgepipe.passes.base import EdgepipePass, StatsResult
 
 HEAD = (DIGITS / "recipe.yaml").read_text().split("targets:")[0]
 # A metric whose first call kills its process with SIGSEGV: a native crash in the mobile target only.

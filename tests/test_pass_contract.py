@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import pytest
-from edgepipe.passes import PASSES, PassContext
-from edgepipe.passes.base import load
 from passes_util import check_contract, digits_split, digits_train
 
 from edgepipe.core.runtime import Runner, run_batches
+from edgepipe.passes import PASSES, PassContext
+from edgepipe.passes.base import load
 from edgepipe.pipeline.evaluator import Evaluator
 from edgepipe.recipe import AccuracySpec
 from edgepipe.sources.accuracy import BUILTIN

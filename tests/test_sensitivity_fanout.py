@@ -9,12 +9,12 @@ import socket
 import numpy as np
 import pytest
 from conftest import DIGITS
-from edgepipe.passes import PASSES, PassContext, create
-from edgepipe.passes.autoquant import quantized_nodes, sensitivity
-from edgepipe.passes.base import load
 
 from edgepipe.core.fanout import ProcessMap, RayMap, local_map
 from edgepipe.core.runtime import Runner, run_batches
+from edgepipe.passes import PASSES, PassContext, create
+from edgepipe.passes.autoquant import quantized_nodes, sensitivity
+from edgepipe.passes.base import load
 from edgepipe.pipeline.evaluator import Evaluator
 from edgepipe.recipe import AccuracySpec
 from edgepipe.sources.accuracy import BUILTIN, Metric
