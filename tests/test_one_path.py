@@ -73,3 +73,23 @@ def test_a_bug_in_a_pass_is_exit_3_naming_the_pass_and_those_before(tmp_path, ca
     units = {u["target"]: u for u in json.loads(captured.out)["units"]}
     assert units["cpu"]["status"] == "error" and units["gpu"]["status"] == "passed"  # the other target still built
     assert not (out / "digits-cnn" / "cpu").exists() and (out / "digits-cnn" / "gpu" / "manifest.json").is_file()
+
+
+def test_python_api_builds_and_verifies(tmp_path):
+    import subprocess
+    import sys
+
+    import edgepipe
+
+    cheap = subprocess.run([sys.executable, "-c", "import sys, edgepipe; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert cheap.stdout.split() == ["False", "False"]  # import edgepipe stays cheap: the API is imported on first use
+    recipe = write_recipe(tmp_path, HEAD + "targets:\n  cpu: {passes: [{name: cleanup}]}\n  gpu: {}\n")
+    result = edgepipe.build(recipe, out=tmp_path / "out", targets=["cpu"])
+    assert result.passed and result.exit_code == 0 and [r.target for r in result.targets] == ["cpu"]
+    assert result["cpu"].folder == tmp_path / "out" / "digits-cnn" / "cpu"
+    assert result["cpu"].manifest["accuracy"]["passed"] and result.reports["digits-cnn"].is_file()
+    checked = edgepipe.verify(result["cpu"].folder)
+    assert checked.passed and {c.name for c in checked.checks} >= {"files"}
+    again = edgepipe.build(recipe, out=tmp_path / "out", targets="cpu", force=True)  # edgepipe.build is still the API
+    assert again.passed and again["cpu"].manifest["content_sha256"] == result["cpu"].manifest["content_sha256"]
