@@ -27,7 +27,8 @@ def top1(cand, ref, labels):
 def _segv_recipe(folder: Path) -> Path:
     folder.mkdir()
     (folder / "segv.py").write_text(SEGV)
-    return write_recipe(folder, HEAD + "targets:\n  cpu: {}\n  mobile: {accuracy: {metric: segv.py:top1}}\n")
+    targets = "targets:\n  cpu: {passes: [{name: cleanup}]}\n  mobile: {accuracy: {metric: segv.py:top1}}\n"
+    return write_recipe(folder, HEAD + targets)
 
 
 def _keys(doc: dict) -> dict:
