@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+
 from edgepipe.passes import PASSES
 from edgepipe.passes.base import save
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from edgepipe.artifact import load_golden
-from edgepipe.bench import latency, resize_batch
-from edgepipe.build import build
+from edgepipe.core.artifact import load_golden
+from edgepipe.core.bench import latency, resize_batch
+from edgepipe.core.runtime import Runner
+from edgepipe.pipeline.build import build
 from edgepipe.recipe import parse_recipe
-from edgepipe.runtime import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "models" / "digits" / "recipe.yaml"
@@ -36,7 +36,7 @@ def main() -> None:
     rows = []
     for label, spec in variants.items():
         recipe = parse_recipe({**data, "name": "bench", "targets": {"cpu": spec}}, RECIPE.parent)
-        (result,) = build(recipe, out / label.split()[0], force=True, log=lambda _m: None)
+        (result,) = build(recipe, out / label.split()[0], force=True)
         m = result.manifest
         runner = Runner(result.folder / m["model_file"], threads=args.threads)
         inputs, _, _ = load_golden(result.folder / "golden.npz")

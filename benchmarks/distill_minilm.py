@@ -17,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from edgepipe import distill as D  # noqa: E402
-from edgepipe.distill_stage import distill_hf_folder  # noqa: E402
+from edgepipe.pipeline.distill_stage import distill_hf_folder  # noqa: E402
+from edgepipe.sources import distill as D  # noqa: E402
 
 
 def teacher_folder() -> Path:
@@ -90,7 +90,7 @@ def main() -> None:
     cfg = D.TrainConfig(loss=args.loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=0, threads=args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="minilm-student-"))
     start, cpu = time.perf_counter(), time.process_time()
-    student_dir, record = distill_hf_folder(folder, out, samples, cfg, layers, eval_samples, log=lambda m: print(m, flush=True))
+    student_dir, record = distill_hf_folder(folder, out, samples, cfg, layers, eval_samples)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 
     b, a = record["metrics_before"], record["metrics"]
@@ -106,4 +106,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the distill epochs' progress
     main()

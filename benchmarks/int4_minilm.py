@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_util as bu  # noqa: E402
+
 from edgepipe.passes.int4 import QuantizeInt4  # noqa: E402
 
 

@@ -46,11 +46,11 @@ def build_optimum(work: Path) -> Path:
 
 
 def build_edgepipe(work: Path, recipe: Path) -> tuple[Path, float]:
-    from edgepipe.build import build
+    from edgepipe.pipeline.build import build
     from edgepipe.recipe import load_recipe
 
     start = time.perf_counter()
-    results = build(load_recipe(recipe), work / "edgepipe", only=["cpu"], force=True, log=lambda _m: None)
+    results = build(load_recipe(recipe), work / "edgepipe", only=["cpu"], force=True)
     seconds = time.perf_counter() - start
     if not results[0].passed:
         raise SystemExit(f"edgepipe cpu build failed: {results[0].error}")
@@ -122,8 +122,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the built artifacts in this folder")
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="edgepipe recipe to build (default: models/minilm)")
     args = parser.parse_args()
-    from edgepipe.data import read_lines
-    from edgepipe.hf import text_encoder
+    from edgepipe.sources.data import read_lines
+    from edgepipe.sources.hf import text_encoder
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="minilm-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_util as bu  # noqa: E402
+
 from edgepipe.passes import PassContext  # noqa: E402
 from edgepipe.passes.prune_structured import PruneStructured  # noqa: E402
 
@@ -27,9 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def digits_onnx() -> ir.Model:
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load
-
-    from edgepipe.export import export_torch
     from edgepipe.recipe import load_recipe
+    from edgepipe.sources.export import export_torch
 
     bu.CACHE.mkdir(exist_ok=True)
     source = export_torch(load_recipe(ROOT / "models" / "digits" / "recipe.yaml"), bu.CACHE, None)

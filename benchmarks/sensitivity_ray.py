@@ -31,15 +31,15 @@ def prepare(work: Path, fuse: str):
     depend on the machine's load: ``never`` gives the 39-node unfused graph, ``always`` the 25-node fused one).
     """
     import onnx_ir as ir
+
     from edgepipe.passes import PassContext, create
     from edgepipe.passes.autoquant import METHODS, quantized_nodes
     from edgepipe.passes.base import load
-    from edgepipe.targets import TARGETS, TargetContext
-
-    from edgepipe import build as b
-    from edgepipe.accuracy import resolve_metric
-    from edgepipe.export import load_source
+    from edgepipe.pipeline import build as b
     from edgepipe.recipe import load_recipe
+    from edgepipe.sources.accuracy import resolve_metric
+    from edgepipe.sources.source import load_source
+    from edgepipe.targets import TARGETS, TargetContext
 
     recipe = load_recipe(ROOT / "models" / "minilm" / "recipe.yaml")
     calibration, eval_data = b._data_sources(recipe)
@@ -64,9 +64,9 @@ def prepare(work: Path, fuse: str):
 def measure(fproto, qproto, nodes, evaluate, config, ray_rows: list[str]) -> tuple[list, float, list[str]]:
     """Rows (setup, seconds, note) of the ranking step run every way; the base run's seconds; the ranking."""
     import ray
-    from edgepipe.passes.autoquant import keep_float, rank, sensitivity
 
-    from edgepipe.executor import ProcessMap, RayMap, local_map
+    from edgepipe.core.fanout import ProcessMap, RayMap, local_map
+    from edgepipe.passes.autoquant import keep_float, rank, sensitivity
 
     n, names = config.sensitivity_samples, [node.name for node in nodes]
     start = time.perf_counter()

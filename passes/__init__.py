@@ -5,6 +5,9 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from pydantic import ValidationError
+
+from edgepipe.core.errors import BadInput, one_line
 from edgepipe.passes.autoquant import QuantizeAuto
 from edgepipe.passes.base import EdgepipePass, PassContext, StatsResult, model_stats
 from edgepipe.passes.cleanup import Cleanup
@@ -20,9 +23,6 @@ from edgepipe.passes.share import ShareCluster, ShareDedupe
 from edgepipe.passes.smooth import SmoothQuant
 from edgepipe.passes.tensorrt import QuantizeTensorRt
 from edgepipe.passes.unfuse import UnfuseSkipLayerNorm
-from pydantic import ValidationError
-
-from edgepipe.errors import BadInput, one_line
 
 PASSES: dict[str, type[EdgepipePass]] = {
     cls.name: cls

@@ -13,11 +13,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
-from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 from pydantic import model_validator
 
-from edgepipe.executor import Mapper, local_map
+from edgepipe.core.fanout import Mapper, local_map
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
+from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 
 METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic}
 # ops worth keeping in float: the ones with weights and int8 kernels (not Relu/MaxPool/Reshape around them)

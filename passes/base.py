@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import logging
-import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,8 +13,23 @@ import onnx
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
-from edgepipe.errors import BadInput
-from edgepipe.executor import Mapper, local_map
+from edgepipe.core.errors import BadInput
+from edgepipe.core.fanout import Mapper, local_map
+from edgepipe.core.modelio import (
+    clone,
+    default_opset,
+    external_threshold,
+    is_large,
+    load,
+    model_stats,
+    save,
+    weight_bytes,
+)
+
+__all__ = [  # the model helpers are re-exported: every pass imports them from here
+    "Batch", "EdgepipePass", "PassConfig", "PassContext", "StatsResult", "clone", "default_opset", "external_threshold",
+    "is_large", "load", "model_stats", "save", "weight_bytes",
+]
 
 Batch = dict[str, np.ndarray]
 
@@ -79,79 +90,3 @@ class EdgepipePass(ir.passes.FunctionalPass):
 
     def ensures(self, model: ir.Model) -> None:
         onnx.checker.check_model(ir.to_proto(model), full_check=False)
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """ORT's tools log to the root logger and print freely; keep the user's terminal for our progress."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-
-
-def default_opset(proto: onnx.ModelProto) -> int | None:
-    """The model's ai.onnx opset version (None when it imports none)."""
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def clone(model: ir.Model) -> ir.Model:
-    """A deep copy (round trip through the proto; weights are copied)."""
-    return ir.from_proto(ir.to_proto(model))
-
-
-def external_threshold() -> int:
-    """Weight bytes above which models are saved with external data (protobuf's limit is 2 GB).
-
-    ``EDGEPIPE_EXTERNAL_DATA_THRESHOLD`` lowers it, so tests run the large-model path on small models.
-    """
-    return int(os.environ.get("EDGEPIPE_EXTERNAL_DATA_THRESHOLD", 1_500_000_000))
-
-
-def is_large(model: ir.Model) -> bool:
-    return weight_bytes(model) > external_threshold()
-
-
-def weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
-
-def save(model: ir.Model, path: Path) -> Path:
-    """Write a model; large ones put their weights in ``<file>.data`` beside it (a stable name)."""
-    if is_large(model):
-        ir.save(model, path, external_data=path.name + ".data")
-    else:
-        onnx.save_model(ir.to_proto(model), str(path))
-    return path
-
-
-def load(path: Path) -> ir.Model:
-    """Read a model with its weights in memory (external data included, so copies stay valid)."""
-    model = ir.load(path)
-    return ir.external_data.load_to_model(model)
-
-
-def model_stats(model: ir.Model) -> dict[str, float | int]:
-    """Nodes, parameters, bytes and sparsity (zero share of float weights)."""
-    params = nbytes = zeros = float_params = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None:
-            continue
-        size = int(np.prod(tensor.shape.numpy())) if tensor.shape is not None else 0
-        params += size
-        nbytes += tensor.nbytes
-        if tensor.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) and size > 1:
-            float_params += size
-            zeros += int(size - np.count_nonzero(tensor.numpy()))
-    nodes = sum(1 for _ in model.graph.all_nodes())
-    return {
-        "nodes": nodes,
-        "params": params,
-        "bytes": nbytes,
-        "sparsity": round(zeros / float_params, 4) if float_params else 0.0,
-    }

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnxscript.optimizer
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 from onnx_ir.passes import common
+
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 
 
 class CleanupConfig(PassConfig):

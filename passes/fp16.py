@@ -7,13 +7,14 @@ import contextlib
 import numpy as np
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, quiet
-from edgepipe.passes.probe import TensorStats, probe
 from onnx_ir.passes import common
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 from pydantic import Field
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.core.logs import quiet
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
+from edgepipe.passes.probe import TensorStats, probe
 
 FP16_MAX = 65504.0
 # Used only when there is no calibration data to measure real ranges.

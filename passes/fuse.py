@@ -15,7 +15,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, load, quiet, save
+
+from edgepipe.core.logs import quiet
+from edgepipe.core.runtime import session as ort_session
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, load, save
 
 # fused op -> the float ops whose count says how many of it a fully fused graph has
 GELU_OPS = ("Gelu", "BiasGelu", "FastGelu")
@@ -93,11 +96,7 @@ def p50_ms(paths: list[Path], threads: int, sequence: int, runs: int) -> list[fl
     Runs alternate between the models so that both see the same background load. Worker threads do not
     spin between runs: a spinning pool of one session steals the cores the next session is timed on.
     """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    sessions = [ort_session(p, threads=threads, config={"session.intra_op.allow_spinning": "0"}) for p in paths]
     feeds = [_feed(s, sequence) for s in sessions]
     times: list[list[float]] = [[] for _ in sessions]
     for r in range(runs + 3):

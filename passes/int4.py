@@ -6,9 +6,11 @@ import logging
 
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone, quiet
-from edgepipe.passes.quantize import _already_quantized
 from pydantic import Field, field_validator
+
+from edgepipe.core.logs import quiet
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
+from edgepipe.passes.quantize import _already_quantized
 
 
 class Int4Config(PassConfig):

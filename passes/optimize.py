@@ -6,6 +6,8 @@ from typing import Literal
 
 import onnx_ir as ir
 import onnxruntime as ort
+
+from edgepipe.core.runtime import session
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, is_large, load, save
 
 LEVELS = {
@@ -30,14 +32,11 @@ class OrtOptimize(EdgepipePass):
         folder = self.context.scratch("ortopt")
         src = save(model, folder / "in.onnx")
         out = folder / "out.onnx"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = LEVELS[self.config.level]
-        options.optimized_model_filepath = str(out)
-        options.log_severity_level = 3
-        if is_large(model):
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
-        ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+        config = {
+            "session.optimized_model_external_initializers_file_name": out.name + ".data",
+            "session.optimized_model_external_initializers_min_size_in_bytes": "64",
+        } if is_large(model) else {}
+        session(src, opt_level=LEVELS[self.config.level], config=config, optimized_path=out)
         result = load(out)
         before = [n.op_type for n in model.graph]
         return StatsResult(result, modified=[n.op_type for n in result.graph] != before)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from edgepipe.passes.base import Batch, clone, save
 from onnx_ir.passes import common
+
+from edgepipe.core.logs import muted
+from edgepipe.core.runtime import exposed
+from edgepipe.passes.base import Batch, clone
 
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
@@ -35,35 +38,23 @@ def probe(model: ir.Model, batches: Iterable[Batch], max_samples: int, workdir: 
     probe_model = clone(model)
     if infer:
         _infer_quietly(probe_model)
-    outputs = {v.name for v in probe_model.graph.outputs}
+    names = [v.name for v in probe_model.graph.outputs]
     unmeasured = 0
     for node in probe_model.graph:
         for value in node.outputs:
-            if not value.name or value.name in outputs:
+            if not value.name or value.name in names:
                 continue
             if value.dtype in FLOATS:
-                probe_model.graph.outputs.append(value)
-                outputs.add(value.name)
+                names.append(value.name)
             elif value.dtype is None:
                 unmeasured += 1
-    folder = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir))
-    path = save(probe_model, folder / "probe.onnx")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # No graph rewrites: the tensors measured are the ones the converter will see.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    inputs = {i.name: i for i in session.get_inputs()}
     max_abs: dict[str, float] = {}
     nonfinite: set[str] = set()
     samples = 0
-    for batch in batches:
-        if samples >= max_samples:
-            break
-        feed = {k: np.asarray(v) for k, v in batch.items() if k in inputs}
+    # No graph rewrites: the tensors measured are the ones the converter will see.
+    for feed, results in exposed(probe_model, names, batches, workdir=workdir, max_samples=max_samples,
+                                 opt_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
         samples += len(next(iter(feed.values())))
-        results = dict(zip(names, session.run(names, feed), strict=True))
         for name, arr in [*feed.items(), *results.items()]:
             if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
                 continue
@@ -77,12 +68,5 @@ def probe(model: ir.Model, batches: Iterable[Batch], max_samples: int, workdir: 
 
 def _infer_quietly(model: ir.Model) -> None:
     """Fill in value types where onnx can; where it cannot, the types already there serve."""
-    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
+    with muted("onnx_ir.passes.common.shape_inference", level=logging.CRITICAL), contextlib.suppress(Exception):
         common.ShapeInferencePass()(model)
-    except Exception:  # noqa: BLE001
-        pass
-    finally:
-        logger.setLevel(level)

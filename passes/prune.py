@@ -8,10 +8,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 from pydantic import Field, model_validator
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 
 DEFAULT_SPARSITY = 0.5
 NO_SPEEDUP = (

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
-from edgepipe.passes.base import PassContext, clone, save
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.core.runtime import exposed
+from edgepipe.passes.base import PassContext
 
 Activity = dict[str, tuple[np.ndarray, np.ndarray]]  # value name → (mean |x|, mean x) per feature on its channel axis
 
@@ -16,25 +16,15 @@ def channel_activity(model: ir.Model, values: dict[str, int], context: PassConte
     """Mean |x| per feature of each named value (channel axis given), over calibration batches on ORT CPU."""
     if context.calibration is None:
         raise BadInput("prune.structured with criterion: activation needs calibration data: set data.calibration in the recipe")
-    probe = clone(model)
-    produced = {v.name: v for node in probe.graph for v in node.outputs}
+    produced = {v.name: v for node in model.graph for v in node.outputs}
     wanted = [name for name in values if name in produced and not produced[name].is_graph_output()]
-    probe.graph.outputs.extend(produced[name] for name in wanted)
-    path = save(probe, context.scratch("activity") / "probe.onnx")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    inputs = {i.name for i in session.get_inputs()}
     sums: dict[str, np.ndarray] = {}
     signed: dict[str, np.ndarray] = {}
     counts: dict[str, int] = dict.fromkeys(wanted, 0)
     seen = 0
-    for batch in context.calibration():
-        if seen >= max_samples:
-            break
-        feed = {k: v for k, v in batch.items() if k in inputs}
+    for feed, arrays in exposed(model, wanted, context.calibration(), workdir=context.scratch("activity"), max_samples=max_samples):
         seen += len(next(iter(feed.values())))
-        for name, array in zip(wanted, session.run(wanted, feed), strict=True):
+        for name, array in arrays.items():
             moved = np.moveaxis(array.astype(np.float64), values[name], 0)
             flat = moved.reshape(moved.shape[0], -1)
             sums[name] = sums.get(name, 0.0) + np.abs(flat).sum(1)

@@ -6,10 +6,11 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import common
+
 from edgepipe.passes.base import EdgepipePass, StatsResult, clone
 from edgepipe.passes.prune import StructuredConfig, budget_search, marker, set_marker
 from edgepipe.passes.prune_activation import Activity, channel_activity, compensate
-from onnx_ir.passes import common
 
 UNARY = {
     "Relu", "LeakyRelu", "PRelu", "Gelu", "FastGelu", "Erf", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus",

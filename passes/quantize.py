@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 import onnx_ir as ir
-from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, quiet, save
-from edgepipe.passes.float_guard import attention_mask_nodes, index_nodes, name_nodes
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -19,7 +17,10 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.core.logs import quiet
+from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, save
+from edgepipe.passes.float_guard import attention_mask_nodes, index_nodes, name_nodes
 
 CALIBRATION = {
     "minmax": CalibrationMethod.MinMax,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed, make_input_shape_fixed
 from pydantic import Field
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 
 
 class FixShapesConfig(PassConfig):

@@ -8,9 +8,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 from onnx_ir.passes import common
 from pydantic import Field
+
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
 
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 

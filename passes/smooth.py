@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 from onnx import helper, numpy_helper
 from pydantic import Field
+
+from edgepipe.core.runtime import exposed
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 
 UNARY = {"Erf", "Relu", "Tanh", "Sigmoid", "Gelu", "Neg", "Abs", "Identity"}  # one input, channel j → channel j
 BINARY = {"Add", "Sub", "Mul", "Div"}
@@ -85,20 +86,9 @@ def _sites(model: onnx.ModelProto, insert: bool) -> list[dict[str, Any]]:
 
 def channel_max(model: onnx.ModelProto, names: list[str], batches) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of the named tensors over calibration batches."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in outputs:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    inputs = {i.name for i in session.get_inputs()}
     peak: dict[str, np.ndarray] = {}
-    for batch in batches:
-        values = session.run(names, {k: v for k, v in batch.items() if k in inputs})
-        for name, v in zip(names, values, strict=True):
+    for _, values in exposed(model, names, batches):
+        for name, v in values.items():
             m = np.abs(v.reshape(-1, v.shape[-1])).max(0)
             peak[name] = np.maximum(peak.get(name, m), m)
     return peak

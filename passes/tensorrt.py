@@ -9,13 +9,14 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, load, quiet, save
-from edgepipe.passes.quantize import CALIBRATION, _already_quantized, _quantized_nodes, _Reader
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import load_tensors_data
 from pydantic import Field
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.core.logs import quiet
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, load, save
+from edgepipe.passes.quantize import CALIBRATION, _already_quantized, _quantized_nodes, _Reader
 
 # The ranges travel with the model (one metadata entry) so the target that writes the
 # calibration cache uses exactly the numbers the QDQ scales came from; it strips the entry.

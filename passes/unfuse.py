@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
+
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, default_opset
 
 MS = "com.microsoft"

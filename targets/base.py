@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
+
 from edgepipe.passes.base import save
 
-from edgepipe.recipe import AccuracySpec, Recipe, TargetSpec
+if TYPE_CHECKING:  # annotations only: the recipe layer sits above the targets it names
+    from edgepipe.recipe import AccuracySpec, Recipe, TargetSpec
 
 
 @dataclasses.dataclass

@@ -7,11 +7,11 @@ import io
 
 import onnx
 import onnx_ir as ir
-from edgepipe.passes.base import default_opset
-from edgepipe.targets import irlevel
 from onnx import version_converter
 
-from edgepipe.errors import BadInput, one_line
+from edgepipe.core.errors import BadInput, one_line
+from edgepipe.passes.base import default_opset
+from edgepipe.targets import irlevel
 
 # onnxruntime release → (max ai.onnx opset, max IR version), from
 # https://onnxruntime.ai/docs/reference/compatibility.html (ONNX opset support table), except where

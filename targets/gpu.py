@@ -9,14 +9,14 @@ from typing import Any
 
 import onnx_ir as ir
 import onnxruntime as ort
+
+from edgepipe.core.artifact import sha256_file
+from edgepipe.core.version import VERSION
 from edgepipe.passes.base import load, save
 from edgepipe.passes.tensorrt import pop_ranges
 from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from edgepipe.targets.trtcache import HEADER, amax, write_cache
-
-import edgepipe
-from edgepipe.export import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +94,14 @@ def _write_cache(folder: Path, model: ir.Model, record: dict, ctx: TargetContext
         logger.warning("calibration cache: %d ranges name no tensor of %s; left out", len(record["ranges"]) - len(ranges), FP32_FILE)
     (folder / ENGINE_CACHE).mkdir(exist_ok=True)
     scales = write_cache(folder / CACHE, ranges)
-    fp32_sha = file_sha256(folder / FP32_FILE)
+    fp32_sha = sha256_file(folder / FP32_FILE)
     info = {
         "format": f"TensorRT native calibration cache ({HEADER}); scale = amax / 127, amax = max(|min|, |max|)",
         "model": FP32_FILE,
         "fp32_model_sha256": fp32_sha,
         "calibration_method": record["method"],
         "calibration_samples": record["samples"],
-        "edgepipe_version": edgepipe.__version__,
+        "edgepipe_version": VERSION,
         "tensors": {
             name: {"min": lo, "max": hi, "amax": amax(lo, hi), "scale": scales[name], "quantized_in_qdq_model": name in quantized}
             for name, (lo, hi) in sorted(ranges.items())

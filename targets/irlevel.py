@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import onnx
 from onnx import TensorProto
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 logger = logging.getLogger(__name__)
 

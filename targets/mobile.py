@@ -14,14 +14,14 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
+
+from edgepipe.core.errors import BadInput, one_line
+from edgepipe.core.modelio import describe_values
 from edgepipe.passes.base import default_opset, save
 from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from edgepipe.targets.ortgraph import load_ort
 from edgepipe.targets.usability import usability
-
-from edgepipe.errors import BadInput, one_line
-from edgepipe.export import describe_values
 
 REPORT = "usability_report.json"
 OPS_CONFIG = "required_operators.config"

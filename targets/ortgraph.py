@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 
 logger = logging.getLogger(__name__)
 

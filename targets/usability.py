@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import onnx
 from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
-from edgepipe.errors import one_line
+from edgepipe.core.errors import one_line
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -27,6 +28,9 @@ def system_temp(tmp_path_factory):
     was. Ray keeps its session files in /tmp/ray (RAY_TMPDIR), not here. The folder is removed at the end.
     """
     tmp_path_factory.getbasetemp()  # before the switch: pytest's folders are not ours to judge
+    # multiprocessing's own folder (the forkserver's socket) outside it: removed by multiprocessing at exit,
+    # after this fixture has removed the session's folder.
+    multiprocessing.util.get_temp_dir()
     root = Path(tempfile.mkdtemp(prefix="ep-systemp-"))
     saved = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir, os.environ["TMPDIR"] = str(root), str(root)
@@ -75,9 +79,8 @@ def digits_onnx(tmp_path_factory) -> Path:
     """The digits CNN exported by edgepipe (dynamo, checked) and cleaned: the real model pass tests use."""
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load, save
-
-    from edgepipe.export import export_torch
     from edgepipe.recipe import load_recipe
+    from edgepipe.sources.export import export_torch
 
     work = tmp_path_factory.mktemp("digits-onnx")
     source = export_torch(load_recipe(DIGITS / "recipe.yaml"), work, None)

@@ -8,7 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from edgepipe.accuracy import (
+from edgepipe.core.errors import BadInput
+from edgepipe.pipeline.checks import data_warnings, speed_note, speed_warning
+from edgepipe.recipe import AccuracySpec
+from edgepipe.sources.accuracy import (
     BUILTIN,
     budget_met,
     compare,
@@ -18,9 +21,6 @@ from edgepipe.accuracy import (
     reference_value,
     resolve_metric,
 )
-from edgepipe.checks import data_warnings, speed_note, speed_warning
-from edgepipe.errors import BadInput
-from edgepipe.recipe import AccuracySpec
 
 RNG = np.random.default_rng(0)
 REF = RNG.standard_normal((40, 10)).astype(np.float32)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import tarfile
 
-from edgepipe.archive import pack
 from edgepipe.cli import main
+from edgepipe.core.archive import pack
 
 
 def test_archive_is_reproducible_and_verifies(artifact, tmp_path):

@@ -9,13 +9,13 @@ from pathlib import Path
 import onnx
 import pytest
 from conftest import write_recipe
-from edgepipe.passes import PassContext, create, validate_spec
-from edgepipe.passes.autoquant import keep_float, quantized_nodes
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from edgepipe.build import build
 from edgepipe.cli import main
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.passes import PassContext, create, validate_spec
+from edgepipe.passes.autoquant import keep_float, quantized_nodes
+from edgepipe.pipeline.build import build
 from edgepipe.recipe import load_recipe
 
 TIGHT = """
@@ -65,7 +65,7 @@ def test_tight_budget_keeps_the_most_sensitive_nodes_in_float(tmp_path):
 
 def test_unreachable_budget_fails_with_the_table_of_what_was_tried(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, TIGHT % (1.5, "bisect", 2)))
-    [result] = build(recipe, tmp_path / "out", log=lambda _m: None)
+    [result] = build(recipe, tmp_path / "out")
     assert not result.passed and result.folder is None
     stats = _auto_stats(result.manifest)
     assert stats["passed"] is False and len(stats["kept_float"]) == 2
@@ -76,7 +76,7 @@ def test_unreachable_budget_fails_with_the_table_of_what_was_tried(tmp_path):
 
 def test_budget_met_needs_no_search(digits_build, tmp_path):
     recipe = write_recipe(tmp_path, TIGHT % (0.9, "bisect", 0.5))
-    [result] = build(load_recipe(recipe), tmp_path / "out", log=lambda _m: None)
+    [result] = build(load_recipe(recipe), tmp_path / "out")
     stats = _auto_stats(result.manifest)
     assert result.passed and stats["kept_float"] == [] and len(stats["steps"]) == 1 and "sensitivity" not in stats
 

@@ -132,8 +132,8 @@ def test_full_disk_keeps_the_old_artifact(digits_build, tmp_path, monkeypatch, c
     def no_space(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("edgepipe.build.save_golden", no_space)
-    assert main(["build", str(DIGITS / "recipe.yaml"), "-o", str(out), "--force"]) == 2
+    monkeypatch.setattr("edgepipe.pipeline.build.save_golden", no_space)  # in this process: the in-process executor
+    assert main(["build", str(DIGITS / "recipe.yaml"), "-o", str(out), "--force", "--executor", "inprocess"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk is full" in err[0]
     assert (out / "digits-cnn" / "cpu" / "model.onnx").read_bytes() == before

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.accuracy import BUILTIN, measure
 from edgepipe.cli import main
 from edgepipe.recipe import AccuracySpec
+from edgepipe.sources.accuracy import BUILTIN, measure
 
 RECIPE = """
 name: m
@@ -33,7 +33,7 @@ def _build(tmp_path: Path, capsys, factory: str, features: int, accuracy: str, t
     np.savez(tmp_path / "eval.npz", x=rng.standard_normal((32, features)).astype(np.float32))
     text = RECIPE.replace("FACTORY", factory).replace("FEATURES", str(features)).replace("ACCURACY", accuracy).replace("TARGETS", targets)
     (tmp_path / "recipe.yaml").write_text(text)
-    code = main(["build", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out"), "--json"])
+    code = main(["build", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out"), "--json", "--executor", "inprocess"])  # sys.path from the fixture
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -42,7 +42,7 @@ def test_constant_reference_fails_the_target(metric, tmp_path, capsys):
     """A zero-initialised last layer: every eval output is the same, so cosine 0 → 0 and top-1 1 → 1 'pass' the budget."""
     code, summary = _build(tmp_path, capsys, "zero_head", 6, f"{{metric: {metric}, max_drop: 0.01}}")
     assert code == 1
-    (target,) = summary["targets"]
+    (target,) = summary["units"]
     assert not target["passed"] and target["folder"] is None and not (tmp_path / "out" / "m" / "cpu").exists()
     acc = target["accuracy"]
     assert acc["drop"] <= 0.01 and not acc["passed"]  # the budget alone would have passed it
@@ -60,7 +60,7 @@ def test_constant_artifact_output_fails_even_when_the_metric_passes():
 def test_default_chain_falls_back_to_quantize_auto_when_int8_misses_the_budget(tmp_path, capsys):
     code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}", "[cpu, mobile]")
     assert code == 0
-    for target in summary["targets"]:
+    for target in summary["units"]:
         manifest = json.loads((Path(target["folder"]) / "manifest.json").read_text())
         names = [p["name"] for p in manifest["passes"]]
         assert "quantize.static" not in names and "quantize.auto" in names
@@ -68,7 +68,7 @@ def test_default_chain_falls_back_to_quantize_auto_when_int8_misses_the_budget(t
         assert auto["params"]["method"] == "static"
         assert auto["stats"]["fallback_from"]["metric"] < 0.999 <= manifest["accuracy"]["value"]
         assert 0 < len(auto["stats"]["kept_float"]) < len(auto["stats"]["sensitivity"])  # some nodes stay int8
-    mobile = summary["targets"][1]
+    mobile = summary["units"][1]
     params = json.loads((Path(mobile["folder"]) / "manifest.json").read_text())["passes"][2]["params"]
     assert params["options"]["activation_type"] == "uint8"  # the mobile step's own options carried over
 
@@ -76,7 +76,7 @@ def test_default_chain_falls_back_to_quantize_auto_when_int8_misses_the_budget(t
 def test_a_budget_nothing_meets_fails_naming_what_was_tried(tmp_path, capsys):
     code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: max_abs, max_drop: 1.0e-7}")
     assert code == 1
-    (target,) = summary["targets"]
+    (target,) = summary["units"]
     assert not target["passed"] and target["folder"] is None
     error = target["error"]
     assert "quantize.static" in error and "quantize.auto" in error and "smoothquant" in error

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 
-from edgepipe.artifact import load_golden
+from edgepipe.core.artifact import load_golden
 
 
 def test_cpu_int8_artifact_keeps_accuracy_and_shrinks(digits_build):

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from edgepipe.data import calibration_source, eval_batches, read_lines
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
 from edgepipe.recipe import ImagePreprocess
+from edgepipe.sources.data import calibration_source, eval_batches, read_lines
 
 SPEC = ImagePreprocess(size=[8, 8], mode="L", scale=1 / 255)
 
@@ -64,9 +64,9 @@ def test_image_folder_errors_are_one_line(digit_folder, tmp_path):
 def test_scarce_calibration_and_missing_eval_warn_in_manifest_and_report(tmp_path):
     from conftest import write_recipe
 
-    from edgepipe.build import build
+    from edgepipe.pipeline.build import build
+    from edgepipe.pipeline.report import write_report
     from edgepipe.recipe import load_recipe
-    from edgepipe.report import write_report
 
     images = (load_digits().images[:16] / 16).astype(np.float32)[:, None]
     np.savez(tmp_path / "cal.npz", image=images)
@@ -77,7 +77,7 @@ inputs: [{name: image, shape: [batch, 1, 8, 8], dtype: float32}]
 data: {calibration: cal.npz}
 accuracy: {metric: top1, max_drop: 1.0}
 """)
-    results = build(load_recipe(recipe), tmp_path / "out", log=lambda _m: None)
+    results = build(load_recipe(recipe), tmp_path / "out")
     warnings = results[0].manifest["warnings"]
     assert any("only 16 calibration samples" in w for w in warnings)
     assert any("measured on the calibration data" in w for w in warnings)

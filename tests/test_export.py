@@ -7,9 +7,9 @@ import torch
 from conftest import DIGITS, write_recipe
 
 from edgepipe.cli import main
-from edgepipe.errors import CheckFailed
-from edgepipe.export import export_torch
+from edgepipe.core.errors import CheckFailed
 from edgepipe.recipe import parse_recipe
+from edgepipe.sources.export import export_torch
 
 SHAPE_BRANCH = '''
 import torch

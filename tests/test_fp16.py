@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
 from edgepipe.passes.base import PassContext, save
 from edgepipe.passes.fp16 import Fp16, Fp16Config
 
@@ -62,8 +63,9 @@ def test_fixture_really_overflows_without_the_block_list(tmp_path):
     (ORT's CPU provider computes float16 ops it has no kernel for in float32, so the final output
     can look fine on CPU; CUDA computes in float16 and would not.)
     """
-    from edgepipe.passes.probe import probe
     from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from edgepipe.passes.probe import probe
 
     naive = ir.from_proto(convert_float_to_float16(ir.to_proto(ir.from_onnx_text(OVERFLOW)), keep_io_types=True))
     seen = probe(naive, _calibration()(), 64, tmp_path, infer=False)

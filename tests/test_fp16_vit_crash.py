@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
 from edgepipe.passes.base import PassContext, save
 from edgepipe.passes.fp16 import Fp16
-from onnx import TensorProto, helper, numpy_helper
 
 
 def _model() -> ir.Model:

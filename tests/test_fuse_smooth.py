@@ -9,10 +9,10 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
+from edgepipe.core.errors import BadInput
 from edgepipe.passes import PassContext, create
 from edgepipe.passes.fuse import expected_fusions, shape_inference_failure
-
-from edgepipe.errors import BadInput
 
 RNG = np.random.default_rng(0)
 

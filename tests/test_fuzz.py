@@ -11,18 +11,18 @@ import onnx
 import pytest
 import yaml
 from conftest import DIGITS
-from edgepipe.targets import TARGETS
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from edgepipe.artifact import read_manifest
-from edgepipe.errors import BadInput, EdgepipeError
-from edgepipe.export import check_onnx_file
-from edgepipe.inspect_model import inspect_model
+from edgepipe.core.artifact import read_manifest
+from edgepipe.core.errors import BadInput, EdgepipeError
+from edgepipe.pipeline.inspect_model import inspect_model
+from edgepipe.pipeline.verify import verify
 from edgepipe.recipe import Recipe, load_recipe, parse_recipe
-from edgepipe.verify import verify
+from edgepipe.sources.export import check_onnx_file
+from edgepipe.targets import TARGETS
 
 EXAMPLES = int(os.environ.get("EDGEPIPE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from edgepipe.targets.trtcache import write_cache
 from onnx import numpy_helper
 
-from edgepipe.artifact import load_golden, save_golden
 from edgepipe.cli import main
+from edgepipe.core.artifact import load_golden, save_golden
+from edgepipe.targets.trtcache import write_cache
 
 
 def _manifest(folder):
@@ -146,7 +146,7 @@ def test_verify_checks_every_model(digits_build, tmp_path, capsys):
     # Tamper with the int8 model's golden outputs and re-seal the hashes: verify must catch it there.
     inputs, expected, reference = load_golden(folder / "golden.int8.npz")
     save_golden(folder / "golden.int8.npz", inputs, {k: v + 5.0 for k, v in expected.items()}, reference)
-    from edgepipe.artifact import hash_tree, write_manifest
+    from edgepipe.core.artifact import hash_tree, write_manifest
 
     manifest = _manifest(folder)
     manifest["files"] = hash_tree(folder)

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from edgepipe.core.errors import BadInput
 from edgepipe.passes import PassContext, create
 from edgepipe.passes.base import load
-
-from edgepipe.build import build
-from edgepipe.errors import BadInput
-from edgepipe.export import file_sha256
-from edgepipe.hf import export_hf
+from edgepipe.pipeline.build import build
 from edgepipe.recipe import load_recipe, parse_recipe
+from edgepipe.sources.export import file_sha256
+from edgepipe.sources.hf import export_hf
 
 MINILM = Path(__file__).resolve().parents[1] / "models" / "minilm"
 RECIPE = """
@@ -48,9 +48,9 @@ def slice_recipe(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source(slice_recipe, tmp_path_factory):
-    from edgepipe.build import _data_sources
+    from edgepipe.pipeline.build import data_sources
 
-    _, eval_data = _data_sources(slice_recipe)
+    _, eval_data = data_sources(slice_recipe)
     return export_hf(slice_recipe, tmp_path_factory.mktemp("export"), eval_data[0][0])
 
 
@@ -64,7 +64,7 @@ def test_export_is_checked_against_pytorch_at_several_sequence_lengths(source):
 
 
 def test_sentence_embedding_is_masked_mean_pooling_then_l2_norm(source, slice_recipe):
-    from edgepipe.hf import hf_folder, text_encoder
+    from edgepipe.sources.hf import hf_folder, text_encoder
 
     batch = text_encoder(hf_folder(slice_recipe), 24)(["A short one.", "A much longer sentence, padded less than the first."])
     out = source.reference(batch)
@@ -98,7 +98,7 @@ def test_fusion_reports_what_is_missing_when_patterns_do_not_match(source, tmp_p
 
 
 def test_cpu_int8_on_a_slice_keeps_the_embedding_and_ships_the_tokenizer(slice_recipe, tmp_path):
-    [result] = build(slice_recipe, tmp_path, log=lambda _m: None)
+    [result] = build(slice_recipe, tmp_path)
     assert result.passed, result.manifest.get("accuracy")
     m = result.manifest
     assert m["accuracy"]["metric"] == "cosine" and m["accuracy"]["samples"] == 16
@@ -124,11 +124,11 @@ def test_pkg_paths_and_text_data_errors_are_one_line(tmp_path):
         parse_recipe({"name": "x", "model": {"hf": "pkg://no_such_pkg/model"}}, tmp_path)
     (tmp_path / "t.txt").write_text("# only a comment\n\n")
     with pytest.raises(BadInput, match="holds no examples"):
-        from edgepipe.data import eval_batches
+        from edgepipe.sources.data import eval_batches
 
         eval_batches("t.txt", tmp_path, encoder=lambda lines: {})
     with pytest.raises(BadInput, match="needs a model with a tokenizer"):
-        from edgepipe.data import calibration_source
+        from edgepipe.sources.data import calibration_source
 
         calibration_source("t.txt", tmp_path)
 
@@ -162,6 +162,7 @@ def test_minilm_float_and_int8_capped_to_old_runtimes_give_the_same_embeddings(s
     releases themselves is benchmarks/runtime_caps.py."""
     import onnx_ir as ir
     import onnxruntime as ort
+
     from edgepipe.targets.compat import ORT_LIMITS, cap
 
     float_model = load(source.onnx_path)

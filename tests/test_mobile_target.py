@@ -9,12 +9,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from edgepipe.passes.base import PassContext, save
-from edgepipe.passes.shapes import FixShapes, FixShapesConfig
 
 from edgepipe.cli import main
-from edgepipe.errors import BadInput
-from edgepipe.runtime import Runner
+from edgepipe.core.errors import BadInput
+from edgepipe.core.runtime import Runner
+from edgepipe.passes.base import PassContext, save
+from edgepipe.passes.shapes import FixShapes, FixShapesConfig
 
 TINY = """<ir_version: 10, opset_import: ["" : 17]>
 agraph (float[batch, 3] x, float[batch, seq] t) => (float[batch, 3] y) { y = Relu(x) }"""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from passes_util import check_contract, digits_train, make_model, node, run, same, tensor, top1
+
+from edgepipe.core.errors import BadInput
 from edgepipe.passes import PassContext
 from edgepipe.passes.base import load, model_stats
 from edgepipe.passes.prune_structured import PruneStructured
-from passes_util import check_contract, digits_train, make_model, node, run, same, tensor, top1
-
-from edgepipe.errors import BadInput
 
 RNG = np.random.default_rng(1)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from passes_util import I64, check_contract, digits_train, make_model, node, run, same, tensor, top1
+
 from edgepipe.passes import PassContext
 from edgepipe.passes.base import load
 from edgepipe.passes.float_guard import attention_mask_nodes
 from edgepipe.passes.int4 import QuantizeInt4
 from edgepipe.passes.quantize import QuantizeStatic
-from passes_util import I64, check_contract, digits_train, make_model, node, run, same, tensor, top1
 
 RNG = np.random.default_rng(3)
 

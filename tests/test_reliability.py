@@ -31,7 +31,7 @@ def _spawn(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
 def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if root.is_dir() and any(p.name.startswith(".cpu.tmp-") for p in root.iterdir()):
+        if root.is_dir() and any(root.rglob(".cpu.tmp-*")):  # the child's staging, in the driver's scratch
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
@@ -130,7 +130,7 @@ def test_large_model_path_uses_external_data(tmp_path, monkeypatch):
 
 def test_kill_between_publish_renames_is_recovered(artifact):
     # publish() moved the old artifact aside, then died before moving the new one in.
-    from edgepipe.artifact import remove_stale
+    from edgepipe.core.artifact import remove_stale
 
     root = artifact.parent
     aside = root / ".cpu.old-999999999"

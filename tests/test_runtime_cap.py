@@ -10,10 +10,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from conftest import DIGITS, write_recipe
-from edgepipe.targets.compat import ORT_LIMITS, cap, requested
 
 from edgepipe.cli import main
-from edgepipe.errors import BadInput
+from edgepipe.core.errors import BadInput
+from edgepipe.targets.compat import ORT_LIMITS, cap, requested
 
 RELU21 = """<ir_version: 10, opset_import: ["" : 21]>
 agraph (float[N, 4] x) => (float[N, 4] y) { y = Relu(x) }"""

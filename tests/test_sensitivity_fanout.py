@@ -9,17 +9,16 @@ import socket
 import numpy as np
 import pytest
 from conftest import DIGITS
+
+from edgepipe.core.fanout import ProcessMap, RayMap, local_map
+from edgepipe.core.runtime import Runner, run_batches
 from edgepipe.passes import PASSES, PassContext, create
 from edgepipe.passes.autoquant import quantized_nodes, sensitivity
 from edgepipe.passes.base import load
-
-from edgepipe.accuracy import BUILTIN, Metric
-from edgepipe.build import run_batches
-from edgepipe.data import eval_batches
-from edgepipe.evaluator import Evaluator
-from edgepipe.executor import ProcessMap, RayMap, local_map
+from edgepipe.pipeline.evaluator import Evaluator
 from edgepipe.recipe import AccuracySpec
-from edgepipe.runtime import Runner
+from edgepipe.sources.accuracy import BUILTIN, Metric
+from edgepipe.sources.data import eval_batches
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from passes_util import check_contract, run, same, top1
+from torch import nn
+
 from edgepipe.passes import PASSES
 from edgepipe.passes.base import load
 from edgepipe.passes.share import ShareCluster, ShareDedupe, kmeans_1d
-from passes_util import check_contract, run, same, top1
-from torch import nn
 
 RNG = np.random.default_rng(0)
 

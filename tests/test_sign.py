@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from edgepipe.artifact import hash_tree, manifest_digest, read_manifest, sha256_file
 from edgepipe.cli import main
+from edgepipe.core.artifact import hash_tree, manifest_digest, read_manifest, sha256_file
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import tempfile
 
 from edgepipe.passes import PASSES
 from edgepipe.passes.base import load
-
-from edgepipe.executor import Unit, run_units
+from edgepipe.scale.executor import Unit, run_unit
 
 
 def test_a_pass_without_a_context_removes_its_scratch_folder(digits_onnx, tmp_path, monkeypatch):
@@ -25,6 +24,6 @@ def test_a_pass_without_a_context_removes_its_scratch_folder(digits_onnx, tmp_pa
 def test_a_unit_run_leaves_no_scratch_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("EDGEPIPE_SCRATCH", raising=False)
-    (result,) = run_units([Unit(str(tmp_path / "missing.yaml"), "x", "cpu")])
+    result = run_unit(Unit(str(tmp_path / "missing.yaml"), "x", "cpu"))  # what a Ray worker runs
     assert result.status == "error" and "missing.yaml" in result.error
     assert list(tmp_path.iterdir()) == []

@@ -11,8 +11,8 @@ import pytest
 from conftest import DIGITS, write_recipe
 
 from edgepipe.cli import main
-from edgepipe.datashapes import longest_shapes
 from edgepipe.recipe import package_path
+from edgepipe.sources.datashapes import longest_shapes
 
 MINILM = Path(__file__).resolve().parents[1] / "models" / "minilm"
 RECIPE = """
@@ -52,7 +52,7 @@ def test_random_text_model_builds_without_shapes(kind, targets, tmp_path, capsys
     assert code == 0, summary
     mobile = json.loads((tmp_path / "out" / "tiny" / "mobile" / "manifest.json").read_text())
     fixed = next(p for p in mobile["passes"] if p["name"] == "shapes.fix")["stats"]["inputs"]
-    from edgepipe.hf import text_encoder
+    from edgepipe.sources.hf import text_encoder
 
     longest = max(text_encoder(tmp_path / "model")([ln]).get("input_ids").shape[1] for ln in (tmp_path / "eval.txt").read_text().splitlines())
     assert fixed["input_ids"][0] == 1 and longest <= fixed["input_ids"][1] < longest + 16
@@ -72,6 +72,6 @@ def test_a_failing_target_does_not_stop_the_others(tmp_path, capsys):
     text = (DIGITS / "recipe.yaml").read_text().replace("targets: [cpu, mobile, gpu]", "targets: {mobile: {shapes: {image: [1, 1, 4, 4]}}, cpu: {}}")
     out = tmp_path / "out"
     assert main(["build", str(write_recipe(tmp_path, text)), "-o", str(out), "--json"]) == 2
-    summary = {t["target"]: t for t in json.loads(capsys.readouterr().out)["targets"]}
+    summary = {t["target"]: t for t in json.loads(capsys.readouterr().out)["units"]}
     assert not summary["mobile"]["passed"] and not (out / "digits-cnn" / "mobile").exists()
     assert summary["cpu"]["passed"] and main(["verify", str(out / "digits-cnn" / "cpu")]) == 0

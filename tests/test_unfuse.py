@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
 from edgepipe.passes import PassContext, create
 
 RNG = np.random.default_rng(0)

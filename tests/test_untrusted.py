@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.artifact import load_golden, read_manifest, write_manifest
 from edgepipe.cli import main
-from edgepipe.data import eval_batches
-from edgepipe.errors import BadInput
+from edgepipe.core.artifact import load_golden, read_manifest, write_manifest
+from edgepipe.core.errors import BadInput
+from edgepipe.sources.data import eval_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for d in ("edgepipe", "passes", "targets", "models") for p in (ROOT / d).rglob("*.py")]

@@ -11,8 +11,8 @@ import pytest
 from onnx import numpy_helper
 
 from edgepipe.cli import main
-from edgepipe.export import export_torch
 from edgepipe.recipe import load_recipe
+from edgepipe.sources.export import export_torch
 
 RECIPE = """
 name: user-code
@@ -73,7 +73,7 @@ def test_installed_callable_with_args(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     model = "{torch: 'user_factories:mlp', args: {hidden: 11, classes: 4}}"
     out = tmp_path / "out"
-    assert main(["build", str(_folder(tmp_path, model, {})), "-o", str(out), "--quiet"]) == 0
+    assert main(["build", str(_folder(tmp_path, model, {})), "-o", str(out), "--quiet", "--executor", "inprocess"]) == 0  # sys.path from monkeypatch
     assert (out / "user-code" / "cpu" / "model.onnx").is_file()
     source = export_torch(load_recipe(tmp_path / "recipe.yaml"), tmp_path, None)
     assert _weights(source.onnx_path) == [(4, 11), (11, 6)]

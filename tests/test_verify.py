@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from edgepipe.artifact import load_golden, save_golden
 from edgepipe.cli import main
+from edgepipe.core.artifact import load_golden, save_golden
 
 
 def test_verify_passes_and_writes_junit(artifact, tmp_path, capsys):
@@ -52,7 +52,7 @@ def test_output_drift_fails_golden(artifact, capsys):
     # Re-sign a golden file whose expected outputs no longer match the model.
     inputs, expected, reference = load_golden(artifact / "golden.npz")
     save_golden(artifact / "golden.npz", inputs, {k: v + 5.0 for k, v in expected.items()}, reference)
-    from edgepipe.artifact import read_manifest, write_manifest
+    from edgepipe.core.artifact import read_manifest, write_manifest
 
     manifest = read_manifest(artifact)
     write_manifest(artifact, {k: v for k, v in manifest.items() if k not in ("files", "digest")})

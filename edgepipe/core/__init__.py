@@ -1,0 +1,1 @@
+"""Core: errors, logs, model files, the ORT runtime, artifact folders, results, fan-out maps."""

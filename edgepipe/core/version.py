@@ -1,0 +1,3 @@
+"""The package version (one place; the manifest and the gpu target record it)."""
+
+VERSION = "0.1.0"

@@ -1,0 +1,89 @@
+"""Budgets met by default: plain int8 first; when it breaks the budget, quantize.auto; failures that say why."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import onnx_ir as ir
+
+from edgepipe.passes import PassContext
+from edgepipe.recipe import TargetSpec
+
+logger = logging.getLogger(__name__)
+RunPasses = Callable[[list[dict[str, Any]], PassContext, ir.Model], tuple[ir.Model, list[dict]]]
+FALLBACK_TARGETS = ("cpu", "mobile")  # the default int8 chains; gpu ships fp16 beside its TensorRT int8 model
+PLAIN = {"quantize.static": "static", "quantize.dynamic": "dynamic"}
+ADVICE = ("loosen the budget (accuracy.max_drop / min_value), put {name: smoothquant} before the quantize step in "
+          "targets.<target>.passes, or ship fp16 (the gpu target)")
+
+
+def fallback_step(target: str, spec: TargetSpec, chain: list[dict[str, Any]]) -> tuple[int, dict[str, Any]] | None:
+    """(index of the plain int8 step, the quantize.auto step replacing it) for a default cpu/mobile chain, else None.
+
+    A chain the recipe writes itself is run as written.
+    """
+    if target not in FALLBACK_TARGETS or spec.passes is not None:
+        return None
+    for i, step in enumerate(chain):
+        if step.get("name") in PLAIN:
+            options = {k: v for k, v in step.items() if k != "name"}
+            return i, {"name": "quantize.auto", "method": PLAIN[step["name"]], "options": options}
+    return None
+
+
+def run_with_fallback(
+    target: str, spec: TargetSpec, chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model, run: RunPasses
+) -> tuple[ir.Model, list[dict]]:
+    """Run ``chain``; on a default chain whose plain int8 misses the budget, redo that step as quantize.auto.
+
+    When plain int8 meets the budget the pass log (and so the artifact) is exactly the plain chain's.
+    """
+    found = fallback_step(target, spec, chain)
+    if found is None or pctx.evaluate is None or pctx.accept is None:
+        return run(chain, pctx, model)
+    index, auto = found
+    before, before_log = run(chain[:index], pctx, model)
+    plain, plain_log = run(chain[index : index + 1], pctx, before)
+    score = pctx.evaluate(plain)
+    if pctx.accept(score):
+        after, after_log = run(chain[index + 1 :], pctx, plain)
+        return after, before_log + plain_log + after_log
+    logger.info(f"        {chain[index]['name']} misses the budget ({score:.4f}): quantize.auto keeps the most sensitive nodes in float")
+    fixed, auto_log = run([auto], pctx, before)
+    auto_log[0]["stats"]["fallback_from"] = {"name": chain[index]["name"], "metric": round(score, 6)}
+    after, after_log = run(chain[index + 1 :], pctx, fixed)
+    return after, before_log + auto_log + after_log
+
+
+def failure_reason(manifest: dict[str, Any]) -> str:
+    """One line on why a target failed: a check that cannot tell, or the budget with what was tried and what to change."""
+    entries = manifest.get("models") or [manifest]
+    for entry in entries:
+        acc = entry.get("accuracy") or {}
+        if acc.get("passed", True):
+            continue
+        where = f"{entry.get('model_file')}: " if len(entries) > 1 else ""
+        if acc.get("reason"):
+            return where + acc["reason"]
+        head = (f"accuracy budget exceeded: {acc.get('metric')} {acc.get('value', 0):.6f} vs reference "
+                f"{acc.get('reference', 0):.6f}, budget {_budget(acc)}")
+        auto = next((p for p in entry.get("passes") or [] if p.get("name") == "quantize.auto"), None)
+        if auto is None:
+            return where + head
+        stats = auto.get("stats", {})
+        tried = f"int8 {stats.get('initial_metric', float('nan')):.4f}"
+        if "fallback_from" in stats:
+            tried = f"{stats['fallback_from']['name']} {stats['fallback_from']['metric']:.4f}"
+        kept = len(stats.get("kept_float") or [])
+        if kept:
+            tried += (f", quantize.auto with the {kept} most sensitive of {len(stats.get('sensitivity') or [])} nodes in "
+                      f"float {stats.get('final_metric', float('nan')):.4f}")
+        return f"{where}{head}; tried {tried}; {ADVICE}"
+    return "accuracy budget exceeded"
+
+
+def _budget(acc: dict[str, Any]) -> str:
+    budget = acc.get("budget") or {}
+    return ", ".join(f"{k} {v}" for k, v in budget.items()) or "none"

@@ -1,0 +1,1 @@
+"""Scale: run build units in-process, in child processes or on Ray."""
