@@ -72,9 +72,10 @@ import os, pathlib, time
 import numpy as np
 
 def top1_then_hold(cand, ref, labels):
-    # Inside the staging step (a .cpu.tmp- folder exists): say so, then hold the build until it is interrupted.
+    # Inside the staging step (a .cpu.tmp- folder exists, in OUT or in the child's scratch folder under it):
+    # say so, then hold the build until it is interrupted.
     root = pathlib.Path(os.environ["EDGEPIPE_TEST_OUT"]) / "digits-cnn"
-    if root.is_dir() and any(p.name.startswith(".cpu.tmp-") for p in root.iterdir()):
+    if root.is_dir() and any(root.rglob(".cpu.tmp-*")):
         (root.parent / "holding").write_text("staging")
         time.sleep(300)
     return float(np.mean(cand.argmax(1) == labels))
