@@ -108,6 +108,10 @@ def preflight(recipe: Recipe, out: Path, only: list[str] | None, force: bool) ->
 
 def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool = False, log: Log = print) -> list[TargetResult]:
     """Run the whole pipeline; returns one result per target (failed checks included)."""
+    if recipe.model.task == "text-generation":  # decoder LLMs: their own export, passes and checks
+        from edgepipe.decoder.build import build_decoder
+
+        return build_decoder(recipe, out, only, force, log)
     pre = preflight(recipe, out, only, force)
     targets, calibration, eval_data, first = pre.targets, pre.calibration, pre.eval_data, pre.first
     root = out / recipe.name

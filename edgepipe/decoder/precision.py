@@ -1,0 +1,73 @@
+"""Mixed int4/int8 chosen by measured sensitivity: which transformer blocks (or the LM head) stay at 8 bits.
+
+1. Rank: for each group alone at 8 bits (the rest int4), the perplexity recovered on a few
+   calibration sequences, relative to the all-int4 model.
+2. Keep: the top-ranked groups at 8 bits, 1, 2, 4, … of them, until the eval budget holds;
+   the fewest that meet it win (the size grows with every int8 group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from edgepipe.decoder.metrics import TeacherForced
+from edgepipe.decoder.quantize import Quantized
+from edgepipe.decoder.runtime import OrtDecoder
+
+logger = logging.getLogger(__name__)
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Choice:
+    model: onnx.ModelProto
+    plan: dict[str, int]
+    steps: list[dict]
+    sensitivity: list[dict]
+
+
+def perplexity_of(model: onnx.ModelProto, sequences: Sequence[np.ndarray]) -> TeacherForced:
+    return TeacherForced.measure(OrtDecoder(model.SerializeToString()).logits, sequences)
+
+
+def rank(q: Quantized, calibration: Sequence[np.ndarray], log: Log) -> list[dict]:
+    """Every group's perplexity recovery when it alone is kept at 8 bits, most helpful first."""
+    base = perplexity_of(q.build({}), calibration).perplexity
+    rows = []
+    for group in q.groups():
+        ppl = perplexity_of(q.build({group: 8}), calibration).perplexity
+        rows.append({"node": group, "op": "int8", "gain": round(base - ppl, 6), "perplexity": round(ppl, 6)})
+    rows.sort(key=lambda r: -r["gain"])
+    log(f"        sensitivity: all-int4 perplexity {base:.3f}; most helpful at int8: "
+        + ", ".join(f"{r['node']} ({r['gain']:+.3f})" for r in rows[:4]))
+    return rows
+
+
+def choose(q: Quantized, eval_seqs: Sequence[np.ndarray], calibration: Sequence[np.ndarray],
+           accept: Callable[[TeacherForced], bool], max_groups: int, log: Log) -> Choice:
+    """The all-int4 model if it meets ``accept``; else the fewest top-ranked int8 groups that do."""
+    model = q.build({})
+    tf = perplexity_of(model, eval_seqs)
+    steps = [{"kept_float": 0, "int8_groups": [], "metric": tf.perplexity, "passed": accept(tf)}]
+    if steps[0]["passed"] or max_groups == 0:
+        return Choice(model, {}, steps, [])
+    ranked = rank(q, calibration, log)
+    helpful = [r["node"] for r in ranked if r["gain"] > 0][:max_groups]
+    counts = sorted({min(2 ** i, len(helpful)) for i in range(len(helpful).bit_length() + 1)} - {0})
+    best = Choice(model, {}, steps, ranked)
+    for n in counts:
+        plan = dict.fromkeys(helpful[:n], 8)
+        candidate = q.build(plan)
+        tf = perplexity_of(candidate, eval_seqs)
+        ok = accept(tf)
+        steps.append({"kept_float": n, "int8_groups": helpful[:n], "metric": tf.perplexity, "passed": ok})
+        log(f"        {n} group(s) at int8: perplexity {tf.perplexity:.3f} {'meets' if ok else 'breaks'} the budget")
+        best = Choice(candidate, plan, steps, ranked)
+        if ok:
+            break
+    return best
