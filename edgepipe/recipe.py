@@ -33,6 +33,13 @@ class ModelSource(Strict):
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     opset: int | None = Field(default=None, ge=7, le=23)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_task(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("gguf") and data.get("task") is None:
+            data = {**data, "task": "text-generation"}  # a GGUF file is a causal LM
+        return data
+
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
         given = [k for k in ("torch", "hf", "onnx", "gguf") if getattr(self, k)]

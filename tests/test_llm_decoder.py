@@ -93,6 +93,8 @@ def test_build_writes_a_checked_genai_ready_artifact(built):
     assert manifest["source"]["export_check"]["passed"] and manifest["source"]["export"] == "fused"
     assert manifest["passes"][0]["stats"]["int4"] > 0
     assert manifest["latency"]["decode_tokens_per_s"] > 0 and manifest["latency"]["prefill_ms"] > 0
+    report = (built.parent / "report.html").read_text()
+    assert f"{gen['perplexity']['artifact']:.3f}" in report and f"{gen['next_token']['top1']:.4f}" in report
     config = json.loads((built / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["model"]["decoder"]["num_key_value_heads"] == 2
 
@@ -128,3 +130,19 @@ def test_bench_reports_prefill_and_decode(built, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["prefill_tokens"] == 16 and result["decode_tokens"] == 8
     assert result["prefill_ms"] > 0 and result["decode_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
+
+
+def test_other_architectures_export_through_optimum(tmp_path):
+    """GPT-2 is not Llama-family: optimum-onnx's text-generation-with-past export, checked the same way."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from edgepipe.decoder.export import export_decoder
+    from edgepipe.decoder.source import CausalLM
+
+    from llm_util import tokenizer
+
+    tok = tokenizer(tmp_path / "tok")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
+    exported = export_decoder(CausalLM(model, tok, "tiny gpt2"), tmp_path, np.arange(3, 30))
+    assert exported.backend == "optimum" and all(c["passed"] for c in exported.checks)
+    assert "position_ids" in OrtDecoder(exported.path).inputs

@@ -24,7 +24,7 @@ from edgepipe.decoder.genai import genai_config, write_genai_config
 from edgepipe.decoder.metrics import TeacherForced, agreement, greedy, matched
 from edgepipe.decoder.precision import choose
 from edgepipe.decoder.quantize import Quantized, summary
-from edgepipe.decoder.runtime import OrtDecoder, TorchDecoder
+from edgepipe.decoder.runtime import CHECK_THREADS, OrtDecoder, TorchDecoder
 from edgepipe.decoder.source import CausalLM, load_causal_lm, save_tokenizer
 from edgepipe.errors import BadInput
 from edgepipe.passes.int4 import Int4Config
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
 DEFAULT_BUDGET = AccuracySpec(metric="perplexity", percent_max_drop=10.0)
 DEFAULT_MAX_LENGTH = 128
-SENSITIVITY_SEQUENCES = 4
+SENSITIVITY_SEQUENCES, SENSITIVITY_TOKENS = 2, 64  # ranking reads a little text: one model per block
 TARGETS = ("cpu",)
 DESCRIPTION = "ONNX Runtime CPU: fused decoder (GroupQueryAttention), weight-only int4 with int8 where measured necessary"
 
@@ -60,16 +60,22 @@ class Texts:
     """The recipe's text data, tokenized: eval and calibration sequences, prompts."""
 
     def __init__(self, recipe: Recipe, tokenizer: Any) -> None:
+        self.check(recipe)
         d = recipe.data
-        if not d.eval:
-            raise BadInput("task text-generation needs data.eval: a .txt file of text, one example per line (perplexity is measured on it)")
-        if not d.prompts:
-            raise BadInput("task text-generation needs data.prompts: a .txt file of prompts, one per line (greedy generation is checked on them)")
         length = d.max_length or DEFAULT_MAX_LENGTH
         self.eval = self._encode(recipe, d.eval, tokenizer, length, "data.eval")
         self.calibration = self._encode(recipe, d.calibration, tokenizer, length, "data.calibration") if d.calibration else self.eval
         self.prompts = self._encode(recipe, d.prompts, tokenizer, length, "data.prompts", min_tokens=1)
         self.max_new_tokens = d.max_new_tokens
+
+    @staticmethod
+    def check(recipe: Recipe) -> None:
+        """The text data a decoder build needs is named (before the slow model load)."""
+        d = recipe.data
+        if not d.eval:
+            raise BadInput("task text-generation needs data.eval: a .txt file of text, one example per line (perplexity is measured on it)")
+        if not d.prompts:
+            raise BadInput("task text-generation needs data.prompts: a .txt file of prompts, one per line (greedy generation is checked on them)")
 
     @staticmethod
     def _encode(recipe: Recipe, ref: str, tokenizer: Any, length: int, key: str, min_tokens: int = 2) -> list[np.ndarray]:
@@ -105,7 +111,8 @@ def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool
             raise BadInput(f"{root / t} already exists; pass --force to replace it or choose another -o folder")
     check_writable(out)
     for t in targets:
-        _quant_config(recipe, t)  # bad pass options before the slow load
+        _quant_config(recipe, t)  # bad pass options and missing data before the slow load
+    Texts.check(recipe)
     log("load    causal LM (float32)")
     lm = load_causal_lm(recipe)
     texts = Texts(recipe, lm.tokenizer)
@@ -119,6 +126,7 @@ def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool
             log(f"        {exported.backend} graph, {len(exported.checks)} export checks passed")
             log(f"reference PyTorch: perplexity on {len(texts.eval)} eval texts, greedy on {len(texts.prompts)} prompts")
             ref = Reference(lm, texts)
+        lm.release()  # the float weights are no longer needed: the peak RSS is the quantization's
         tokenizer_files = save_tokenizer(lm, work / "tokenizer")
         results = []
         for name in targets:
@@ -191,7 +199,7 @@ def _build_cpu(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, expor
             model, plan, steps, ranked = q.build({}, default=config.bits), {}, [], []
         else:
             max_groups = max(1, len(q.groups()) // 4)
-            choice = choose(q, texts.eval, texts.calibration[:SENSITIVITY_SEQUENCES], _accept(spec, ref), max_groups, log)
+            choice = choose(q, texts.eval, [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]], _accept(spec, ref), max_groups, log)
             model, plan, steps, ranked = choice.model, choice.plan, choice.steps, choice.sensitivity
         counts = summary(model)
         log(f"  pass  quantize.int4  MatMulNBits int4×{counts['int4']} int8×{counts['int8']}, tied embedding {bool(counts['tied_embedding'])}"
@@ -221,9 +229,9 @@ def _emit_and_check(recipe: Recipe, target: str, lm: CausalLM, texts: Texts, ref
                     location="model.onnx.data", size_threshold=1024)
     for f in tokenizer_files:
         shutil.copyfile(f, tmp / f.name)
-    dec = OrtDecoder(path)
+    dec = OrtDecoder(path, threads=CHECK_THREADS)
     inputs = list(dec.inputs)
-    write_genai_config(tmp, genai_config(lm.model, lm.tokenizer, exported.geometry, "model.onnx", inputs, ref.eos))
+    write_genai_config(tmp, genai_config(lm.config, lm.tokenizer, exported.geometry, "model.onnx", inputs, ref.eos))
     tf = TeacherForced.measure(dec.logits, texts.eval)
     agree = agreement(ref.teacher.logits, tf.logits)
     tokens = [greedy(dec, p, texts.max_new_tokens, ref.eos) for p in texts.prompts]
@@ -244,7 +252,7 @@ def _emit_and_check(recipe: Recipe, target: str, lm: CausalLM, texts: Texts, ref
         f"greedy matched {generation['greedy']['mean_matched']:.1f}/{texts.max_new_tokens} tokens on average")
     golden = {f"prompt/{i}": p for i, p in enumerate(texts.prompts)} | {f"tokens/{i}": np.asarray(t, np.int64) for i, t in enumerate(tokens)}
     save_npz(tmp / GOLDEN, golden)
-    speed = bench_decoder(dec, texts.eval[0])
+    speed = bench_decoder(OrtDecoder(path), texts.eval[0])  # speed on the runtime's default threads
     log(f"  bench prefill {speed['prefill_tokens']} tokens {speed['prefill_ms']:.1f} ms, decode {speed['decode_tokens_per_s']:.1f} tokens/s")
     size = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
     fp32 = sum(p.stat().st_size for p in exported.path.parent.glob("model.onnx*"))
@@ -263,7 +271,8 @@ def _emit_and_check(recipe: Recipe, target: str, lm: CausalLM, texts: Texts, ref
                                     "max_abs": max(c["max_abs"] for c in exported.checks), "checks": exported.checks}},
         "size": {"model_bytes": size, "fp32_bytes": fp32, "ratio": round(size / fp32, 4) if fp32 else 0.0},
         "passes": passes, "accuracy": acc, "generation": generation,
-        "golden": {"file": GOLDEN, "prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "eos_token_ids": ref.eos},
+        "golden": {"file": GOLDEN, "prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "eos_token_ids": ref.eos,
+                   "threads": CHECK_THREADS},
         "latency": speed, "versions": _versions(), "warnings": [],
     }
     manifest = write_manifest(tmp, manifest)

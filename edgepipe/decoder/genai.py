@@ -10,10 +10,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def genai_config(model: Any, tokenizer: Any, geometry: dict[str, int], filename: str, inputs: list[str],
+def genai_config(config: Any, tokenizer: Any, geometry: dict[str, int], filename: str, inputs: list[str],
                  eos: list[int], context_length: int | None = None) -> dict[str, Any]:
     """The config onnxruntime-genai's builder writes for a decoder (names follow ``graph.PAST``/``PRESENT``)."""
-    config = model.config
     context = int(context_length or getattr(config, "max_position_embeddings", 2048))
     names = {"input_ids": "input_ids", "attention_mask": "attention_mask",
              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}

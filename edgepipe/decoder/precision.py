@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 
 from edgepipe.decoder.metrics import TeacherForced
-from edgepipe.decoder.quantize import Quantized
-from edgepipe.decoder.runtime import OrtDecoder
+from edgepipe.decoder.quantize import LM_HEAD, Quantized
+from edgepipe.decoder.runtime import CHECK_THREADS, OrtDecoder
 
 logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
@@ -32,15 +32,25 @@ class Choice:
 
 
 def perplexity_of(model: onnx.ModelProto, sequences: Sequence[np.ndarray]) -> TeacherForced:
-    return TeacherForced.measure(OrtDecoder(model.SerializeToString()).logits, sequences)
+    return TeacherForced.measure(OrtDecoder(model.SerializeToString(), threads=CHECK_THREADS).logits, sequences)
 
 
 def rank(q: Quantized, calibration: Sequence[np.ndarray], log: Log) -> list[dict]:
-    """Every group's perplexity recovery when it alone is kept at 8 bits, most helpful first."""
-    base = perplexity_of(q.build({}), calibration).perplexity
+    """Every group's perplexity recovery when it alone is kept at 8 bits, most helpful first.
+
+    Groups are swapped in and out of one all-int4 model (no copy per candidate). A tied LM head
+    is not a candidate: its int4 weight is also the embedding table, and an int8 copy would double it.
+    """
+    work = q.build({})
+    tied = any(n.op_type == "GatherBlockQuantized" for n in work.graph.node)
+    base = perplexity_of(work, calibration).perplexity
     rows = []
     for group in q.groups():
-        ppl = perplexity_of(q.build({group: 8}), calibration).perplexity
+        if tied and group == LM_HEAD:
+            continue
+        q.swap(work, group, 8)
+        ppl = perplexity_of(work, calibration).perplexity
+        q.swap(work, group, 4)
         rows.append({"node": group, "op": "int8", "gain": round(base - ppl, 6), "perplexity": round(ppl, 6)})
     rows.sort(key=lambda r: -r["gain"])
     log(f"        sensitivity: all-int4 perplexity {base:.3f}; most helpful at int8: "

@@ -66,10 +66,23 @@ class Quantized:
         model.CopyFrom(base)
         for group, bits in plan.items():
             if bits != default:
-                _swap(model, self.by_bits[bits] if bits else self.float_model, group)
+                self.swap(model, group, bits)
         if tie:
             tie_embedding(model)
         return model
+
+    def swap(self, model: onnx.ModelProto, group: str, bits: int) -> None:
+        """Put ``group``'s nodes (and their weights) at ``bits`` (0: float) into ``model``, in place."""
+        donor = self.by_bits[bits] if bits else self.float_model
+        idx, names = _producers(model, group)
+        didx, dnames = _producers(donor, group)
+        drop = [k for k, init in enumerate(model.graph.initializer) if init.name in names]
+        for k in reversed(drop):
+            del model.graph.initializer[k]
+        model.graph.initializer.extend(i for i in donor.graph.initializer if i.name in dnames)
+        replacement = {_key(donor.graph.node[k]): donor.graph.node[k] for k in didx}
+        for k in idx:
+            model.graph.node[k].CopyFrom(replacement[_key(model.graph.node[k])])
 
 
 def _producers(model: onnx.ModelProto, group: str) -> tuple[list[int], set[str]]:
@@ -77,20 +90,8 @@ def _producers(model: onnx.ModelProto, group: str) -> tuple[list[int], set[str]]
     inits = {i.name for i in model.graph.initializer}
     idx = [k for k, n in enumerate(model.graph.node) if n.op_type in ("MatMul", "MatMulNBits") and group_of(n.name) == group]
     names = {x for k in idx for x in model.graph.node[k].input if x in inits}
-    return idx, names
-
-
-def _swap(model: onnx.ModelProto, donor: onnx.ModelProto, group: str) -> None:
-    """Replace ``group``'s nodes (and their weights) in ``model`` with the donor's version of them."""
-    idx, names = _producers(model, group)
-    didx, dnames = _producers(donor, group)
-    keep_inits = [i for i in model.graph.initializer if i.name not in names]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep_inits + [i for i in donor.graph.initializer if i.name in dnames])
-    replacement = {_key(donor.graph.node[k]): donor.graph.node[k] for k in didx}
-    for k in idx:
-        node = model.graph.node[k]
-        model.graph.node[k].CopyFrom(replacement[_key(node)])
+    others = {x for k, n in enumerate(model.graph.node) if k not in set(idx) for x in n.input}
+    return idx, names - others
 
 
 def _key(node: onnx.NodeProto) -> str:

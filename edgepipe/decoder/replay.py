@@ -36,7 +36,7 @@ def replay(folder: Path, manifest: dict[str, Any], threads: int | None = None) -
         prompts, expected = load_prompts(folder / golden.get("file", "golden.npz"))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         return [("golden", False, f"{golden.get('file')} is unreadable or corrupt: {exc}")]
-    dec = OrtDecoder(folder / manifest["model_file"], threads=threads)
+    dec = OrtDecoder(folder / manifest["model_file"], threads=threads or golden.get("threads"))
     eos = [int(t) for t in golden.get("eos_token_ids", [])]
     start = time.perf_counter()
     results = []

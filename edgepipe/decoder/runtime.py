@@ -17,6 +17,9 @@ import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+# Checks and golden tokens run on one thread: reproducible (verify replays on the same count), and on a busy
+# 2-core machine two spinning ORT threads are ~2x slower than one.
+CHECK_THREADS = 1
 
 
 class OrtDecoder:

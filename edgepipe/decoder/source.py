@@ -29,6 +29,13 @@ class CausalLM:
     tokenizer: Any
     origin: str  # a readable "folder" or "folder/file.gguf"
 
+    def __post_init__(self) -> None:
+        self.config = self.model.config
+
+    def release(self) -> None:
+        """Drop the weights (the reference outputs are computed); config and tokenizer stay."""
+        self.model = None
+
     @property
     def eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
@@ -71,6 +78,9 @@ def load_tokenizer(folder: Path, gguf: str | None) -> Any:
     from transformers import AutoTokenizer
 
     where = folder / gguf if gguf else folder
+    if not gguf and not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")):
+        raise BadInput(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json + merges.txt); "
+                       "copy the model's tokenizer files into the folder")
     try:
         with _offline(), _quiet():
             tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
