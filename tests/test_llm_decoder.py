@@ -134,12 +134,11 @@ def test_bench_reports_prefill_and_decode(built, capsys):
 
 def test_other_architectures_export_through_optimum(tmp_path):
     """GPT-2 is not Llama-family: optimum-onnx's text-generation-with-past export, checked the same way."""
+    from llm_util import tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from edgepipe.decoder.export import export_decoder
     from edgepipe.decoder.source import CausalLM
-
-    from llm_util import tokenizer
 
     tok = tokenizer(tmp_path / "tok")
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
