@@ -145,3 +145,11 @@ def test_other_architectures_export_through_optimum(tmp_path):
     exported = export_decoder(CausalLM(model, tok, "tiny gpt2"), tmp_path, np.arange(3, 30))
     assert exported.backend == "optimum" and all(c["passed"] for c in exported.checks)
     assert "position_ids" in OrtDecoder(exported.path).inputs
+
+
+def test_dry_run_checks_without_loading(llama, tmp_path):
+    path = recipe(tmp_path, str(llama))
+    assert main(["build", str(path), "--dry-run", "-o", str(tmp_path / "out")]) == 0
+    (tmp_path / "prompts.txt").unlink()
+    assert main(["build", str(path), "--dry-run", "-o", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,7 @@ from edgepipe.decoder.metrics import TeacherForced, agreement, greedy, matched
 from edgepipe.decoder.precision import choose
 from edgepipe.decoder.quantize import Quantized, summary
 from edgepipe.decoder.runtime import CHECK_THREADS, OrtDecoder, TorchDecoder
-from edgepipe.decoder.source import CausalLM, load_causal_lm, save_tokenizer
+from edgepipe.decoder.source import CausalLM, load_causal_lm, locate, save_tokenizer
 from edgepipe.errors import BadInput
 from edgepipe.passes.int4 import Int4Config
 from edgepipe.recipe import AccuracySpec, Recipe
@@ -99,7 +99,8 @@ class Reference:
         self.greedy = [greedy(torch_dec, p, texts.max_new_tokens, self.eos) for p in texts.prompts]
 
 
-def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool, log: Log) -> list[TargetResult]:
+def preflight(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> list[str]:
+    """Every check that needs no model load: targets, output folder, pass options, data files, the source's path."""
     targets = select_targets(recipe, only)
     unsupported = [t for t in targets if t not in TARGETS]
     if unsupported:
@@ -111,8 +112,20 @@ def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool
             raise BadInput(f"{root / t} already exists; pass --force to replace it or choose another -o folder")
     check_writable(out)
     for t in targets:
-        _quant_config(recipe, t)  # bad pass options and missing data before the slow load
+        _quant_config(recipe, t)
     Texts.check(recipe)
+    folder, gguf = locate(recipe)
+    counts = {k: len(read_lines(recipe.path(v))) for k, v in (("eval", recipe.data.eval), ("calibration", recipe.data.calibration),
+                                                              ("prompts", recipe.data.prompts)) if v}
+    return [f"source {folder / gguf if gguf else folder}: found", f"output {root}: writable",
+            "text data: " + ", ".join(f"{k} {n} lines" for k, n in counts.items()),
+            *(f"target {t}: passes {[p['name'] for p in recipe.targets[t].passes or [{'name': 'quantize.int4'}]]}" for t in targets)]
+
+
+def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool, log: Log) -> list[TargetResult]:
+    preflight(recipe, out, only, force)
+    targets = select_targets(recipe, only)
+    root = out / recipe.name
     log("load    causal LM (float32)")
     lm = load_causal_lm(recipe)
     texts = Texts(recipe, lm.tokenizer)

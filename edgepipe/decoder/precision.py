@@ -64,6 +64,7 @@ def choose(q: Quantized, eval_seqs: Sequence[np.ndarray], calibration: Sequence[
     model = q.build({})
     tf = perplexity_of(model, eval_seqs)
     steps = [{"kept_float": 0, "int8_groups": [], "metric": tf.perplexity, "passed": accept(tf)}]
+    log(f"        all int4: perplexity {tf.perplexity:.3f} {'meets' if steps[0]['passed'] else 'breaks'} the budget")
     if steps[0]["passed"] or max_groups == 0:
         return Choice(model, {}, steps, [])
     ranked = rank(q, calibration, log)
