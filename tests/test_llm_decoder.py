@@ -153,3 +153,19 @@ def test_dry_run_checks_without_loading(llama, tmp_path):
     (tmp_path / "prompts.txt").unlink()
     assert main(["build", str(path), "--dry-run", "-o", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_mixed_precision_keeps_the_fewest_int8_blocks_that_meet_the_budget(llama, tmp_path):
+    from edgepipe.decoder.precision import choose, perplexity_of
+
+    build_graph(_model(llama), tmp_path / "model.onnx")
+    q = Quantized.prepare(onnx.load(str(tmp_path / "model.onnx")), Int4Config())
+    seqs = [np.random.default_rng(i).integers(3, 300, 30) for i in range(3)]
+    all4 = perplexity_of(q.build({}), seqs).perplexity
+    both8 = perplexity_of(q.build({"layer.0": 8, "layer.1": 8}), seqs).perplexity
+    assert both8 != all4
+    limit = both8 + 1e-6 if both8 < all4 else all4 - 1e-6
+    choice = choose(q, seqs, seqs, lambda tf: tf.perplexity <= limit, max_groups=2, log=lambda _: None)
+    assert not choice.steps[0]["passed"] and choice.steps[-1]["passed"]
+    assert 1 <= len(choice.plan) <= 2 and summary(choice.model)["int8"] == 5 * len(choice.plan)
+    assert [r["node"] for r in choice.sensitivity] and "lm_head" not in choice.plan  # the tied head stays int4

@@ -207,11 +207,13 @@ def _build_cpu(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, expor
     if config is None:
         model, plan, steps, ranked = float_model, {}, [], []
     else:
-        q = Quantized.prepare(float_model, config, bits=(config.bits, 8) if config.mixed else (config.bits,))
+        bits = (config.bits, 8) if config.mixed and config.bits == 4 else (config.bits,)
+        q = Quantized.prepare(float_model, config, bits=bits)
+        del float_model
         if config.bits == 8 or not config.mixed:
             model, plan, steps, ranked = q.build({}, default=config.bits), {}, [], []
         else:
-            max_groups = max(1, len(q.groups()) // 4)
+            max_groups = config.max_int8_groups
             choice = choose(q, texts.eval, [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]], _accept(spec, ref), max_groups, log)
             model, plan, steps, ranked = choice.model, choice.plan, choice.steps, choice.sensitivity
         counts = summary(model)

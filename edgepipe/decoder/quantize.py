@@ -37,31 +37,33 @@ def group_of(node_name: str) -> str:
 class Quantized:
     """The float model quantized at 4 and at 8 bits, node by node, ready to be mixed."""
 
-    float_model: onnx.ModelProto
     by_bits: dict[int, onnx.ModelProto]
     config: Int4Config
 
     @classmethod
     def prepare(cls, model: onnx.ModelProto, config: Int4Config, bits: tuple[int, ...] = (4, 8)) -> Quantized:
+        """Quantize ``model`` at each of ``bits``; ``model`` itself is consumed (quantized in place last)."""
         quantizer = _quantizer_class()
         by_bits = {}
-        for b in bits:
-            q = quantizer(copy.deepcopy(model), bits=b, block_size=config.block_size, is_symmetric=config.symmetric,
+        for k, b in enumerate(bits):
+            source = model if k == len(bits) - 1 else copy.deepcopy(model)  # one float copy at most in memory
+            q = quantizer(source, bits=b, block_size=config.block_size, is_symmetric=config.symmetric,
                           accuracy_level=config.accuracy_level, nodes_to_exclude=list(config.nodes_to_exclude),
                           op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),))
             with quiet():
                 q.process()
             by_bits[b] = q.model.model
-        return cls(model, by_bits, config)
+        return cls(by_bits, config)
 
     def groups(self) -> list[str]:
         """Precision groups in graph order (layer.0 … layer.N-1, lm_head)."""
-        seen = dict.fromkeys(group_of(n.name) for n in self.float_model.graph.node if n.op_type == "MatMul")
+        any_model = next(iter(self.by_bits.values()))
+        seen = dict.fromkeys(group_of(n.name) for n in any_model.graph.node if n.op_type == "MatMulNBits")
         return [g for g in seen if g == LM_HEAD or g.startswith("layer.")]
 
     def build(self, plan: dict[str, int], default: int = 4, tie: bool = True) -> onnx.ModelProto:
-        """A model with each group at ``plan.get(group, default)`` bits (0 keeps it float)."""
-        base = self.by_bits[default] if default else self.float_model
+        """A model with each group at ``plan.get(group, default)`` bits."""
+        base = self.by_bits[default]
         model = onnx.ModelProto()
         model.CopyFrom(base)
         for group, bits in plan.items():
@@ -72,8 +74,8 @@ class Quantized:
         return model
 
     def swap(self, model: onnx.ModelProto, group: str, bits: int) -> None:
-        """Put ``group``'s nodes (and their weights) at ``bits`` (0: float) into ``model``, in place."""
-        donor = self.by_bits[bits] if bits else self.float_model
+        """Put ``group``'s nodes (and their weights) at ``bits`` into ``model``, in place."""
+        donor = self.by_bits[bits]
         idx, names = _producers(model, group)
         didx, dnames = _producers(donor, group)
         drop = [k for k, init in enumerate(model.graph.initializer) if init.name in names]
