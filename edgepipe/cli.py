@@ -96,7 +96,7 @@ def _summary(results, report: Path, quiet: bool) -> None:
     for r in results:
         m = r.manifest
         acc, lat = m.get("accuracy", {}), m.get("latency", {})
-        size = (r.folder / m["model_file"]).stat().st_size if r.folder else 0
+        size = (m.get("size", {}).get("model_bytes") or (r.folder / m["model_file"]).stat().st_size) if r.folder else 0  # with external data
         table.add_row(
             r.target,
             "passed" if r.passed else f"FAILED: {r.error}",
