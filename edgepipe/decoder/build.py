@@ -242,7 +242,8 @@ def _emit_and_check(recipe: Recipe, target: str, lm: CausalLM, texts: Texts, ref
     path = tmp / "model.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
-    (tmp / "model.onnx.data").chmod(0o644)  # onnx writes it 0600; the artifact is read by other users
+    for data in tmp.glob("model.onnx.data"):
+        data.chmod(0o644)  # onnx writes it 0600; the artifact is read by other users
     for f in tokenizer_files:
         shutil.copyfile(f, tmp / f.name)
     dec = OrtDecoder(path, threads=CHECK_THREADS)
