@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -140,6 +141,7 @@ def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool
             log(f"reference PyTorch: perplexity on {len(texts.eval)} eval texts, greedy on {len(texts.prompts)} prompts")
             ref = Reference(lm, texts)
         lm.release()  # the float weights are no longer needed: the peak RSS is the quantization's
+        gc.collect()
         tokenizer_files = save_tokenizer(lm, work / "tokenizer")
         results = []
         for name in targets:
@@ -216,6 +218,7 @@ def _build_cpu(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, expor
             max_groups = config.max_int8_groups
             choice = choose(q, texts.eval, [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]], _accept(spec, ref), max_groups, log)
             model, plan, steps, ranked = choice.model, choice.plan, choice.steps, choice.sensitivity
+        del q  # the 4- and 8-bit models: only the chosen one goes on
         counts = summary(model)
         log(f"  pass  quantize.int4  MatMulNBits int4×{counts['int4']} int8×{counts['int8']}, tied embedding {bool(counts['tied_embedding'])}"
             f"  ({time.perf_counter() - start:.1f}s)")

@@ -175,6 +175,7 @@ def _write(g: _Graph, geo: dict[str, int], path: Path) -> None:
             inputs.append(helper.make_tensor_value_info(PAST % (i, kind), f32, past))
             outputs.append(helper.make_tensor_value_info(PRESENT % (i, kind), f32, present))
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    g.inits.clear()  # make_graph copied them: one copy of the weights in memory while saving
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     path.parent.mkdir(parents=True, exist_ok=True)
