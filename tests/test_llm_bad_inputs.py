@@ -47,6 +47,7 @@ def test_missing_tokenizer(tmp_path, capsys):
     ("{hf: lm, task: text-generation}", "targets: [cpu, mobile]\n"),  # not built for decoders yet
     ("{hf: lm, task: text-generation}", "targets: {cpu: {passes: [{name: quantize.static}]}}\n"),
     ("{hf: lm, task: text-generation}", "NO_PROMPTS"),  # greedy generation needs prompts
+    ("{hf: lm, gguf: missing.gguf}", ""),                          # a GGUF file named inside the folder
 ])
 def test_recipe_errors(tmp_path, capsys, model, extra):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
@@ -55,3 +56,17 @@ def test_recipe_errors(tmp_path, capsys, model, extra):
     text = path.read_text().replace("{hf: lm, task: text-generation}", model)
     path.write_text(text.replace(", prompts: prompts.txt", "").replace("NO_PROMPTS", "") if "NO_PROMPTS" in text else text)
     _fails(path, tmp_path / "out", capsys)
+
+
+def test_gguf_inside_a_folder_is_located(tmp_path):
+    from edgepipe.decoder.source import locate
+    from edgepipe.recipe import parse_recipe
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "m.gguf").write_bytes(b"GGUF")
+    data = {"name": "x", "model": {"hf": "lm", "gguf": "m.gguf"}, "data": {"eval": "e.txt", "prompts": "p.txt"}}
+    for f in ("e.txt", "p.txt"):
+        (tmp_path / f).write_text("hello world\n")
+    recipe = parse_recipe(data, tmp_path)
+    assert recipe.model.task == "text-generation"
+    assert locate(recipe) == (tmp_path / "lm", "m.gguf")
