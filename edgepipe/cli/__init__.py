@@ -51,6 +51,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     folder = Path(args.artifact)
     manifest = read_manifest(folder)
+    if manifest.get("task") == "text-generation":
+        from edgepipe.pipeline.decoder.replay import bench_cli
+
+        return bench_cli(folder, manifest, args)
     runtime = manifest.get("runtime", {})
     runner = Runner(folder / manifest["model_file"], providers=runtime.get("providers"), threads=args.threads,
                     session_config=runtime.get("session_config"))
@@ -133,6 +137,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--warmup", type=int, default=10)
     be.add_argument("--threads", type=int, default=None)
     be.add_argument("--json", action="store_true")
+    be.add_argument("--prefill", type=_positive, default=128, help="text-generation: prompt tokens of the timed prefill")
+    be.add_argument("--decode", type=_positive, default=64, help="text-generation: greedy tokens timed after it")
     be.set_defaults(func=cmd_bench)
     i = sub.add_parser("inspect", help="inputs/outputs, opset, ops, params, size, sparsity")
     i.add_argument("model")

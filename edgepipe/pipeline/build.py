@@ -37,6 +37,7 @@ from edgepipe.pipeline.manifest import model_entry, target_manifest
 from edgepipe.pipeline.outputs import failure_reason as output_failure
 from edgepipe.pipeline.outputs import measure_every_output
 from edgepipe.pipeline.outputs import problems as output_problems
+from edgepipe.pipeline.selection import check_writable, select_targets
 from edgepipe.recipe import AccuracySpec, Recipe
 from edgepipe.sources import data as data_mod
 from edgepipe.sources.accuracy import AccuracyResult, Metric, budget_met, reference_value, resolve_metric
@@ -87,6 +88,10 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
     ``on_start(target)`` / ``on_done(result)`` report progress (a child process streams them to its parent).
     """
     targets = select_targets(recipe, only)
+    if recipe.model.task == "text-generation":  # decoder LLMs: their own export, passes and checks
+        from edgepipe.pipeline.decoder.build import build_decoder
+
+        return _decoder(recipe, out, targets, force, on_start, on_done, build_decoder)
     results: dict[str, TargetResult] = {}
 
     def done(result: TargetResult) -> None:
@@ -106,6 +111,22 @@ def build(recipe: Recipe, out: Path, only: list[str] | None = None, force: bool 
             if name not in results:
                 done(failure(recipe.name, name, exc, time.perf_counter() - start))
     return [results[t] for t in targets]
+
+
+def _decoder(recipe: Recipe, out: Path, targets: list[str], force: bool, on_start: OnStart | None, on_done: OnDone | None,
+             build_decoder: Callable[..., list[TargetResult]]) -> list[TargetResult]:
+    """A text-generation recipe's targets; a failure of its shared stages (load, export, reference) is every target's."""
+    start = time.perf_counter()
+    if on_start is not None:
+        on_start(targets[0])
+    try:
+        results = build_decoder(recipe, out, targets, force)
+    except Exception as exc:
+        results = [failure(recipe.name, name, exc, time.perf_counter() - start) for name in targets]
+    for r in results:
+        if on_done is not None:
+            on_done(r)
+    return results
 
 
 def failure(name: str, target: str, exc: BaseException, seconds: float = 0.0) -> TargetResult:
@@ -148,19 +169,6 @@ def _source(recipe: Recipe, pre: Preflight, work: Path) -> Source:
     return dataclasses.replace(source, distill=distilled.record)
 
 
-def select_targets(recipe: Recipe, only: list[str] | None) -> list[str]:
-    names = list(recipe.targets)
-    if not only:
-        return names
-    for name in only:
-        if name not in TARGETS:
-            raise BadInput(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
-    missing = [n for n in only if n not in names]
-    if missing:
-        raise BadInput(f"--target {','.join(missing)} is not in the recipe's targets {names}; add it to the recipe")
-    return [n for n in names if n in only]
-
-
 @dataclasses.dataclass
 class Preflight:
     """What the cheap checks before an export found: the targets to build and the data, loaded once."""
@@ -178,6 +186,11 @@ class Preflight:
 def preflight(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> Preflight:
     """Every check that needs no export: targets, existing artifacts, data names/dtypes/shapes, output folder."""
     targets = select_targets(recipe, only)
+    if recipe.model.task == "text-generation":  # decoder LLMs: their own checks (text files, source path), no model load
+        from edgepipe.pipeline.decoder.build import preflight as decoder_preflight
+
+        decoder_preflight(recipe, out, only, force)
+        return Preflight(targets, None, None, None)
     root = out / recipe.name
     for t in targets:
         ensure_replaceable(root / t, force)
@@ -210,15 +223,6 @@ def data_sources(recipe: Recipe):
     images = (d.images, only_input)
     calibration = data_mod.calibration_source(d.calibration, base, encoder, images) if d.calibration else None
     return calibration, (data_mod.eval_batches(d.eval, base, encoder, images) if d.eval else None)
-
-
-def check_writable(out: Path) -> None:
-    """The output folder (or its nearest existing parent) must be a writable folder."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInput(f"output folder {out} is not writable ({probe} is not a writable folder); choose another -o folder")
 
 
 def _check_data_names(recipe: Recipe, batch: dict[str, np.ndarray] | None) -> None:

@@ -17,6 +17,10 @@ from edgepipe.targets import TARGETS, TargetContext
 def dry_run(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> list[str]:
     """Raise BadInput on the first problem; return what was checked, one line each."""
     lines = [f"recipe {recipe.name}: valid ({recipe.model.kind} source)"]
+    if recipe.model.task == "text-generation":  # decoder LLMs: their own cheap checks
+        from edgepipe.pipeline.decoder.build import preflight as decoder_preflight
+
+        return lines + decoder_preflight(recipe, out, only, force)
     pre = preflight(recipe, out, only, force)  # the same checks a build makes before its export
     lines.append(f"output {out / recipe.name}: writable")
     if pre.eval_data:

@@ -161,6 +161,9 @@ def _target_section(r: TargetResult) -> str:
         top = sorted(sens, key=lambda s: -abs(s.get("gain", s.get("delta", 0))))[:15]
         sens_plot = "<figure>" + _bars("sensitivity", [(s.get("node", "?"), s.get("gain", s.get("delta", 0))) for s in top]) + \
             "<figcaption>per-node sensitivity: metric gained when that node alone stays in float</figcaption></figure>"
+    from edgepipe.pipeline.decoder.report import generation_section  # text-generation artifacts only; "" otherwise
+
+    sens_plot += generation_section(m)
     known = {"passes", "warnings", "sensitivity", "files", "digest", "content_sha256", "schema_version"}
     rest = {k: v for k, v in m.items() if k not in known}
     return (f"<h2>{_e(r.target)}: {_e(m.get('description', ''))}</h2>{warnings}"

@@ -58,6 +58,10 @@ def _check_files(folder: Path, expected: dict[str, str]) -> Check:
 
 def _check_golden(folder: Path, manifest: dict) -> list[Check]:
     """Golden I/O for every model the folder ships (``models``), or its one ``model_file``."""
+    if manifest.get("task") == "text-generation":  # a decoder: replay the golden prompts' greedy tokens
+        from edgepipe.pipeline.decoder.replay import replay
+
+        return [Check(name, ok, detail) for name, ok, detail in replay(folder, manifest)]
     models = manifest.get("models") or [manifest]
     checks = []
     for entry in models:

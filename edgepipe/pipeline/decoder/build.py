@@ -1,0 +1,302 @@
+"""edgepipe build for ``task: text-generation``: causal LM → checked decoder graph → int4/int8 → genai-ready artifact."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgepipe.core.artifact import GOLDEN, remove_stale, save_npz, staging, write_manifest
+from edgepipe.core.errors import BadInput
+from edgepipe.core.result import FAILED, PASSED, TargetResult
+from edgepipe.passes.int4 import Int4Config
+from edgepipe.pipeline.decoder.bench import bench_decoder
+from edgepipe.pipeline.decoder.export import Exported, export_decoder
+from edgepipe.pipeline.decoder.genai import genai_config, write_genai_config
+from edgepipe.pipeline.decoder.metrics import TeacherForced, agreement, greedy, matched
+from edgepipe.pipeline.decoder.precision import choose
+from edgepipe.pipeline.decoder.quantize import Quantized, summary
+from edgepipe.pipeline.decoder.runtime import CHECK_THREADS, OrtDecoder, TorchDecoder
+from edgepipe.pipeline.decoder.source import CausalLM, load_causal_lm, locate, save_tokenizer
+from edgepipe.pipeline.manifest import versions as _versions
+from edgepipe.pipeline.selection import check_writable, select_targets
+from edgepipe.recipe import AccuracySpec, Recipe
+from edgepipe.sources.data import read_lines
+
+logger = logging.getLogger(__name__)
+DEFAULT_BUDGET = AccuracySpec(metric="perplexity", percent_max_drop=10.0)
+DEFAULT_MAX_LENGTH = 128
+SENSITIVITY_SEQUENCES, SENSITIVITY_TOKENS = 2, 64  # ranking reads a little text: one model per block
+TARGETS = ("cpu",)
+DESCRIPTION = "ONNX Runtime CPU: fused decoder (GroupQueryAttention), weight-only int4 with int8 where measured necessary"
+
+
+def is_decoder(recipe: Recipe) -> bool:
+    return recipe.model.task == "text-generation"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """PyTorch on ``n`` threads for a block: on a busy 2-core machine 2 OpenMP threads spin ~10× slower than 1."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class Texts:
+    """The recipe's text data, tokenized: eval and calibration sequences, prompts."""
+
+    def __init__(self, recipe: Recipe, tokenizer: Any) -> None:
+        self.check(recipe)
+        d = recipe.data
+        length = d.max_length or DEFAULT_MAX_LENGTH
+        self.eval = self._encode(recipe, d.eval, tokenizer, length, "data.eval")
+        self.calibration = self._encode(recipe, d.calibration, tokenizer, length, "data.calibration") if d.calibration else self.eval
+        self.prompts = self._encode(recipe, d.prompts, tokenizer, length, "data.prompts", min_tokens=1)
+        self.max_new_tokens = d.max_new_tokens
+
+    @staticmethod
+    def check(recipe: Recipe) -> None:
+        """The text data a decoder build needs is named (before the slow model load)."""
+        d = recipe.data
+        if not d.eval:
+            raise BadInput("task text-generation needs data.eval: a .txt file of text, one example per line (perplexity is measured on it)")
+        if not d.prompts:
+            raise BadInput("task text-generation needs data.prompts: a .txt file of prompts, one per line (greedy generation is checked on them)")
+
+    @staticmethod
+    def _encode(recipe: Recipe, ref: str, tokenizer: Any, length: int, key: str, min_tokens: int = 2) -> list[np.ndarray]:
+        path = recipe.path(ref)
+        if path.suffix not in (".txt", ".text"):
+            raise BadInput(f"{key}: {path.name} must be a .txt file (one example per line) for task text-generation")
+        seqs = [np.asarray(tokenizer(line, truncation=True, max_length=length)["input_ids"], np.int64) for line in read_lines(path)]
+        seqs = [s for s in seqs if len(s) >= min_tokens]
+        if not seqs:
+            raise BadInput(f"{key}: {path} holds no usable examples (one per line; '#' lines are comments)")
+        return seqs
+
+
+class Reference:
+    """PyTorch's teacher-forced logits/perplexity on the eval text and greedy tokens on the prompts."""
+
+    def __init__(self, lm: CausalLM, texts: Texts) -> None:
+        torch_dec = TorchDecoder(lm.model)
+        self.eos = lm.eos_ids
+        self.teacher = TeacherForced.measure(torch_dec.logits, texts.eval)
+        self.greedy = [greedy(torch_dec, p, texts.max_new_tokens, self.eos) for p in texts.prompts]
+
+
+def preflight(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> list[str]:
+    """Every check that needs no model load: targets, output folder, pass options, data files, the source's path."""
+    targets = select_targets(recipe, only)
+    unsupported = [t for t in targets if t not in TARGETS]
+    if unsupported:
+        raise BadInput(f"target {unsupported[0]} is not built for task text-generation yet (only {', '.join(TARGETS)}); "
+                       f"remove it from the recipe's targets or pass --target cpu")
+    root = out / recipe.name
+    for t in targets:
+        if (root / t).exists() and not force:
+            raise BadInput(f"{root / t} already exists; pass --force to replace it or choose another -o folder")
+    check_writable(out)
+    for t in targets:
+        _quant_config(recipe, t)
+    Texts.check(recipe)
+    folder, gguf = locate(recipe)
+    counts = {k: len(read_lines(recipe.path(v))) for k, v in (("eval", recipe.data.eval), ("calibration", recipe.data.calibration),
+                                                              ("prompts", recipe.data.prompts)) if v}
+    return [f"source {folder / gguf if gguf else folder}: found", f"output {root}: writable",
+            "text data: " + ", ".join(f"{k} {n} lines" for k, n in counts.items()),
+            *(f"target {t}: passes {[p['name'] for p in recipe.targets[t].passes or [{'name': 'quantize.int4'}]]}" for t in targets)]
+
+
+def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> list[TargetResult]:
+    preflight(recipe, out, only, force)
+    targets = select_targets(recipe, only)
+    root = out / recipe.name
+    logger.info("load    causal LM (float32)")
+    lm = load_causal_lm(recipe)
+    texts = Texts(recipe, lm.tokenizer)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale(root)
+    work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=root))
+    try:
+        with torch_threads(1):
+            logger.info("export  decoder graph with KV cache → ONNX (checked vs PyTorch at past 0, 1, many)")
+            exported = export_decoder(lm, work, texts.eval[0][:48])
+            logger.info(f"        {exported.backend} graph, {len(exported.checks)} export checks passed")
+            logger.info(f"reference PyTorch: perplexity on {len(texts.eval)} eval texts, greedy on {len(texts.prompts)} prompts")
+            ref = Reference(lm, texts)
+        lm.release()  # the float weights are no longer needed: the peak RSS is the quantization's
+        gc.collect()
+        tokenizer_files = save_tokenizer(lm, work / "tokenizer")
+        results = []
+        for name in targets:
+            logger.info(f"target  {name}")
+            results.append(_build_cpu(recipe, lm, texts, ref, exported, tokenizer_files, root / name, force))
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _quant_config(recipe: Recipe, target: str) -> Int4Config | None:
+    """The target's weight-only quantization (``quantize.int4``), None for a float artifact (``passes: []``)."""
+    spec = recipe.targets[target]
+    if spec.passes is None:
+        return Int4Config()
+    names = [p["name"] for p in spec.passes]
+    if not names:
+        return None
+    if names != ["quantize.int4"]:
+        raise BadInput(f"targets.{target}.passes: task text-generation takes [] (float) or [{{name: quantize.int4, ...}}] "
+                       f"(block_size, symmetric, accuracy_level, bits, mixed); got {names}")
+    return Int4Config(**{k: v for k, v in spec.passes[0].items() if k != "name"})
+
+
+def budget_of(recipe: Recipe, target: str) -> AccuracySpec:
+    spec = recipe.targets[target].accuracy
+    if spec is not None:
+        return spec
+    return recipe.accuracy if "accuracy" in recipe.model_fields_set else DEFAULT_BUDGET
+
+
+def verdict(spec: AccuracySpec, reference: float, value: float) -> dict[str, Any]:
+    """drop = how much worse (perplexity up, agreement down); budgets as in the rest of edgepipe."""
+    drop = value - reference if spec.metric == "perplexity" else reference - value
+    percent = 100.0 * drop / reference if reference else 0.0
+    budget: dict[str, float] = {}
+    ok = True
+    if spec.max_drop is not None:
+        budget["max_drop"], ok = spec.max_drop, ok and drop <= spec.max_drop
+    if spec.percent_max_drop is not None:
+        budget["percent_max_drop"], ok = spec.percent_max_drop, ok and percent <= spec.percent_max_drop
+    if spec.min_value is not None:
+        budget["min_value"] = spec.min_value
+        ok = ok and (value <= spec.min_value if spec.metric == "perplexity" else value >= spec.min_value)
+    return {"metric": spec.metric, "reference": round(reference, 6), "value": round(value, 6), "drop": round(drop, 6),
+            "percent_drop": round(percent, 4), "budget": budget, "passed": bool(ok)}
+
+
+def _accept(spec: AccuracySpec, ref: Reference) -> Callable[[TeacherForced], bool]:
+    def accept(tf: TeacherForced) -> bool:
+        if spec.metric == "perplexity":
+            return verdict(spec, ref.teacher.perplexity, tf.perplexity)["passed"]
+        return verdict(spec, 1.0, agreement(ref.teacher.logits, tf.logits)["top1"])["passed"]
+
+    return accept
+
+
+def _build_cpu(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, exported: Exported, tokenizer_files: list[Path],
+               final: Path, force: bool) -> TargetResult:
+    config = _quant_config(recipe, final.name)
+    spec = budget_of(recipe, final.name)
+    float_model = onnx.load(str(exported.path))
+    passes = []
+    start = time.perf_counter()
+    if config is None:
+        model, plan, steps, ranked = float_model, {}, [], []
+    else:
+        bits = (config.bits, 8) if config.mixed and config.bits == 4 else (config.bits,)
+        q = Quantized.prepare(float_model, config, bits=bits)
+        del float_model
+        if config.bits == 8 or not config.mixed:
+            model, plan, steps, ranked = q.build({}, default=config.bits), {}, [], []
+        else:
+            max_groups = config.max_int8_groups
+            choice = choose(q, texts.eval, [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]], _accept(spec, ref), max_groups)
+            model, plan, steps, ranked = choice.model, choice.plan, choice.steps, choice.sensitivity
+        del q  # the 4- and 8-bit models: only the chosen one goes on
+        counts = summary(model)
+        logger.info(f"  pass  quantize.int4  MatMulNBits int4×{counts['int4']} int8×{counts['int8']}, tied embedding {bool(counts['tied_embedding'])}"
+            f"  ({time.perf_counter() - start:.1f}s)")
+        passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True,
+                       "stats": {**counts, "int8_groups": sorted(plan), "steps": steps, "sensitivity": ranked,
+                                 "kept_float": sorted(plan),
+                                 "summary": f"{len(plan)} group(s) kept at int8 by measured sensitivity" if plan else "all int4"}})
+    try:
+        with staging(final, force) as tmp:
+            manifest = _emit_and_check(recipe, final.name, lm, texts, ref, exported, tokenizer_files, model, passes, spec, tmp)
+    except _Failed as failed:
+        return TargetResult(recipe.name, final.name, FAILED, "accuracy budget exceeded", 1, failed.manifest)
+    return TargetResult(recipe.name, final.name, PASSED, None, 0, manifest, final)
+
+
+class _Failed(Exception):
+    def __init__(self, manifest: dict) -> None:
+        super().__init__("failed")
+        self.manifest = manifest
+
+
+def _emit_and_check(recipe: Recipe, target: str, lm: CausalLM, texts: Texts, ref: Reference, exported: Exported, tokenizer_files: list[Path],
+                    model: onnx.ModelProto, passes: list[dict], spec: AccuracySpec, tmp: Path) -> dict:
+    path = tmp / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    for data in tmp.glob("model.onnx.data"):
+        data.chmod(0o644)  # onnx writes it 0600; the artifact is read by other users
+    for f in tokenizer_files:
+        shutil.copyfile(f, tmp / f.name)
+    dec = OrtDecoder(path, threads=CHECK_THREADS)
+    inputs = list(dec.inputs)
+    write_genai_config(tmp, genai_config(lm.config, lm.tokenizer, exported.geometry, "model.onnx", inputs, ref.eos))
+    tf = TeacherForced.measure(dec.logits, texts.eval)
+    agree = agreement(ref.teacher.logits, tf.logits)
+    tokens = [greedy(dec, p, texts.max_new_tokens, ref.eos) for p in texts.prompts]
+    match = [matched(r, t) for r, t in zip(ref.greedy, tokens, strict=True)]
+    acc = verdict(spec, ref.teacher.perplexity, tf.perplexity) if spec.metric == "perplexity" else verdict(spec, 1.0, agree["top1"])
+    acc.update({"output": "logits", "samples": len(texts.eval), "data": "eval"})
+    generation = {
+        "perplexity": {"reference": round(ref.teacher.perplexity, 4), "artifact": round(tf.perplexity, 4),
+                       "increase": round(tf.perplexity / ref.teacher.perplexity - 1, 4)},
+        "next_token": {k: round(v, 6) if isinstance(v, float) else v for k, v in agree.items()},
+        "greedy": {"prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "matched": match,
+                   "mean_matched": round(float(np.mean(match)), 2),
+                   "identical": sum(m == len(r) for m, r in zip(match, ref.greedy, strict=True))},
+        "eos_token_ids": ref.eos,
+    }
+    logger.info(f"  check model.onnx: perplexity {ref.teacher.perplexity:.3f} → {tf.perplexity:.3f} ({100 * generation['perplexity']['increase']:+.1f}%, "
+        f"budget {acc['budget']}) {'ok' if acc['passed'] else 'FAILED'}; next-token top-1 {agree['top1']:.3f}, "
+        f"greedy matched {generation['greedy']['mean_matched']:.1f}/{texts.max_new_tokens} tokens on average")
+    golden = {f"prompt/{i}": p for i, p in enumerate(texts.prompts)} | {f"tokens/{i}": np.asarray(t, np.int64) for i, t in enumerate(tokens)}
+    save_npz(tmp / GOLDEN, golden)
+    speed = bench_decoder(OrtDecoder(path), texts.eval[0])  # speed on the runtime's default threads
+    logger.info(f"  bench prefill {speed['prefill_tokens']} tokens {speed['prefill_ms']:.1f} ms, decode {speed['decode_tokens_per_s']:.1f} tokens/s")
+    size = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
+    fp32 = sum(p.stat().st_size for p in exported.path.parent.glob("model.onnx*"))
+    manifest = {
+        "name": recipe.name, "target": target, "description": DESCRIPTION,
+        "task": "text-generation", "status": "passed" if acc["passed"] else "failed", "model_file": "model.onnx",
+        "runtime": {"name": "onnxruntime", "version": _versions()["onnxruntime"], "providers": dec.session.get_providers(),
+                    "requested_providers": ["CPUExecutionProvider"], "session_config": {}, "genai_config": "genai_config.json"},
+        "inputs": [{"name": i.name, "dtype": i.type, "shape": i.shape} for i in dec.session.get_inputs()[:3]],
+        "outputs": [{"name": o.name, "dtype": o.type, "shape": o.shape} for o in dec.session.get_outputs()[:3]],
+        "kv_cache": {"layers": exported.geometry["layers"], "kv_heads": exported.geometry["kv_heads"],
+                     "head_size": exported.geometry["head_size"], "past": "past_key_values.%d.key|value", "present": "present.%d.key|value"},
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0), "ir_version": model.ir_version,
+        "source": {"kind": "gguf" if recipe.model.gguf else "hf", "origin": lm.origin, "export": exported.backend,
+                   "export_check": {"cases": len(exported.checks), "passed": all(c["passed"] for c in exported.checks),
+                                    "max_abs": max(c["max_abs"] for c in exported.checks), "checks": exported.checks}},
+        "size": {"model_bytes": size, "fp32_bytes": fp32, "ratio": round(size / fp32, 4) if fp32 else 0.0},
+        "passes": passes, "accuracy": acc, "generation": generation,
+        "golden": {"file": GOLDEN, "prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "eos_token_ids": ref.eos,
+                   "threads": CHECK_THREADS},
+        "latency": speed, "versions": _versions(), "warnings": [],
+    }
+    manifest = write_manifest(tmp, manifest)
+    if not acc["passed"]:
+        raise _Failed(manifest)
+    return manifest
