@@ -252,7 +252,8 @@ def _emit_and_check(recipe: Recipe, target: str, lm: CausalLM, texts: Texts, ref
         shutil.copyfile(f, tmp / f.name)
     dec = OrtDecoder(path, threads=CHECK_THREADS)
     inputs = list(dec.inputs)
-    write_genai_config(tmp, genai_config(lm.config, lm.tokenizer, exported.geometry, "model.onnx", inputs, ref.eos))
+    write_genai_config(tmp, genai_config(lm.config, lm.tokenizer, exported.geometry, "model.onnx", inputs, ref.eos,
+                                            share_buffer=exported.backend == "fused"))
     tf = TeacherForced.measure(dec.logits, texts.eval)
     agree = agreement(ref.teacher.logits, tf.logits)
     tokens = [greedy(dec, p, texts.max_new_tokens, ref.eos) for p in texts.prompts]

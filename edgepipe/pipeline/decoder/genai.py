@@ -11,8 +11,12 @@ logger = logging.getLogger(__name__)
 
 
 def genai_config(config: Any, tokenizer: Any, geometry: dict[str, int], filename: str, inputs: list[str],
-                 eos: list[int], context_length: int | None = None) -> dict[str, Any]:
-    """The config onnxruntime-genai's builder writes for a decoder (names follow ``graph.PAST``/``PRESENT``)."""
+                 eos: list[int], context_length: int | None = None, share_buffer: bool = False) -> dict[str, Any]:
+    """The config onnxruntime-genai's builder writes for a decoder (names follow ``graph.PAST``/``PRESENT``).
+
+    ``share_buffer``: past and present KV share one max-length buffer (GroupQueryAttention graphs, as the builder's):
+    without it onnxruntime-genai copies the cache every step (measured 0.86x the builder's decode tokens/s).
+    """
     context = int(context_length or getattr(config, "max_position_embeddings", 2048))
     names = {"input_ids": "input_ids", "attention_mask": "attention_mask",
              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
@@ -43,7 +47,7 @@ def genai_config(config: Any, tokenizer: Any, geometry: dict[str, int], filename
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
