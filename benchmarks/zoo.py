@@ -72,9 +72,6 @@ class Out(torch.nn.Module):  # segmentation models return a dict
 def build():
     torch.manual_seed(0)
     model = Out(_make())
-    for m in model.modules():  # torchvision zero-initialises some heads (ViT): a constant output is no test
-        if isinstance(m, torch.nn.Linear) and not m.weight.any():
-            torch.nn.init.normal_(m.weight, std=0.02)
     weights = HERE / "weights.pt"
     if weights.exists():
         model.load_state_dict(torch.load(weights))
@@ -89,6 +86,9 @@ def build():
             for i in range(0, len(crops), 8):
                 model(crops[i : i + 8])
         torch.save(model.state_dict(), weights)
+    for m in model.modules():  # torchvision zero-initialises some heads (ViT): a constant output is no test
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
     return model.eval()
 '''
 

@@ -18,15 +18,16 @@ from pydantic import model_validator
 from edgepipe.core.fanout import Mapper, local_map
 from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
+from edgepipe.passes.tensorrt import QuantizeTensorRt
 
-METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic}
+METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic, "tensorrt": QuantizeTensorRt}
 # ops worth keeping in float: the ones with weights and int8 kernels (not Relu/MaxPool/Reshape around them)
 CANDIDATES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Attention", "EmbedLayerNormalization", "Gather", "LSTM", "GRU"]
 DEAD = "__edgepipe_quantized"
 
 
 class AutoConfig(PassConfig):
-    method: Literal["dynamic", "static"] = "dynamic"
+    method: Literal["dynamic", "static", "tensorrt"] = "dynamic"
     options: dict[str, Any] = {}  # options of quantize.<method>
     search: Literal["bisect", "stepwise"] = "bisect"  # bisect: 1, 2, 4 ... nodes, then bisection; stepwise: 1, 2, 3 ...
     max_float: int | float = 0.5  # most nodes kept in float: a share of the quantized nodes (a float ≤ 1) or a count (an int)

@@ -58,14 +58,16 @@ def test_constant_artifact_output_fails_even_when_the_metric_passes():
 
 
 def test_default_chain_falls_back_to_quantize_auto_when_int8_misses_the_budget(tmp_path, capsys):
-    code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}", "[cpu, mobile]")
+    code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}", "[cpu, mobile, gpu]")
     assert code == 0
     for target in summary["units"]:
         manifest = json.loads((Path(target["folder"]) / "manifest.json").read_text())
+        if target["target"] == "gpu":  # the fallback is on its TensorRT-form int8 model (the fp16 one has no int8 step)
+            manifest = next(m for m in manifest["models"] if m["variant"] == "int8")
         names = [p["name"] for p in manifest["passes"]]
-        assert "quantize.static" not in names and "quantize.auto" in names
+        assert not {"quantize.static", "quantize.tensorrt"} & set(names) and "quantize.auto" in names
         auto = manifest["passes"][names.index("quantize.auto")]
-        assert auto["params"]["method"] == "static"
+        assert auto["params"]["method"] == ("tensorrt" if target["target"] == "gpu" else "static")
         assert auto["stats"]["fallback_from"]["metric"] < 0.999 <= manifest["accuracy"]["value"]
         assert 0 < len(auto["stats"]["kept_float"]) < len(auto["stats"]["sensitivity"])  # some nodes stay int8
     mobile = summary["units"][1]

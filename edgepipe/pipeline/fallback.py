@@ -13,18 +13,19 @@ from edgepipe.recipe import TargetSpec
 
 logger = logging.getLogger(__name__)
 RunPasses = Callable[[list[dict[str, Any]], PassContext, ir.Model], tuple[ir.Model, list[dict]]]
-FALLBACK_TARGETS = ("cpu", "mobile")  # the default int8 chains; gpu ships fp16 beside its TensorRT int8 model
-PLAIN = {"quantize.static": "static", "quantize.dynamic": "dynamic"}
+FALLBACK_TARGETS = ("cpu", "mobile", "gpu")  # the default int8 chains (gpu: its TensorRT-form int8 model)
+PLAIN = {"quantize.static": "static", "quantize.dynamic": "dynamic", "quantize.tensorrt": "tensorrt"}
 ADVICE = ("loosen the budget (accuracy.max_drop / min_value), put {name: smoothquant} before the quantize step in "
           "targets.<target>.passes, or ship fp16 (the gpu target)")
 
 
 def fallback_step(target: str, spec: TargetSpec, chain: list[dict[str, Any]]) -> tuple[int, dict[str, Any]] | None:
-    """(index of the plain int8 step, the quantize.auto step replacing it) for a default cpu/mobile chain, else None.
+    """(index of the plain int8 step, the quantize.auto step replacing it) for a default int8 chain, else None.
 
     A chain the recipe writes itself is run as written.
     """
-    if target not in FALLBACK_TARGETS or spec.passes is not None:
+    own = spec.int8_passes if any(step.get("name") == "quantize.tensorrt" for step in chain) else spec.passes
+    if target not in FALLBACK_TARGETS or own is not None:
         return None
     for i, step in enumerate(chain):
         if step.get("name") in PLAIN:
