@@ -32,6 +32,7 @@ from edgepipe.passes.base import default_opset, load
 from edgepipe.recipe import AccuracySpec, Recipe
 from edgepipe.runtime import Runner, pad_tokens
 from edgepipe.targets import TARGETS, Emitted, Target, TargetContext, compat
+from edgepipe.targets.speed import run_chain
 
 Log = Callable[[str], None]
 GOLDEN_SAMPLES = 8
@@ -237,7 +238,7 @@ def _build_target(
             log(f"  model {variant.key}")
         pctx = PassContext(workdir=work / target.name / variant.key, calibration=calibration, target=target.name, map=current_map())
         pctx.evaluate, pctx.accept = _evaluator(target, spec_acc, metric, ev, work / target.name / variant.key / "candidates")
-        model, pass_log = _run_passes(variant.passes, pctx, load(source.onnx_path), log)
+        model, pass_log = run_chain(target, tctx, variant.passes, pctx, load(source.onnx_path), ev.batches[0][0], _run_passes, log)
         cap = None
         if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
             model, cap = compat.cap(model, version)
@@ -284,7 +285,7 @@ def _check_and_write(recipe, target, tctx, source, ev, built: list[_Built], spec
         entry = _manifest(recipe, target, source, emitted, runner, b.pass_log, acc, ev, golden, lat, tmp)
         if b.runtime_cap is not None:
             entry["runtime"]["requested"] = b.runtime_cap
-        entry["warnings"] = list(ev.warnings)
+        entry["warnings"] = list(ev.warnings) + [p["stats"]["warning"] for p in b.pass_log if p["stats"].get("warning")]
         if any(p["name"].startswith("quantize") for p in b.pass_log):
             # Speed check: int8 that is not faster than float on its runtime says so, with the likely cause.
             float_ms = latency(Runner(source.onnx_path, providers=emitted.providers), feed1)["p50_ms"]
