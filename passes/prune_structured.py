@@ -42,10 +42,26 @@ class PruneStructured(EdgepipePass):
         activity = None
         if self.config.criterion == "activation":
             activity = channel_activity(model, read_values(model), self.context, self.config.calibration_samples)
+        def prune(m: ir.Model, sparsity: float) -> tuple[ir.Model, dict]:
+            out, stats = prune_structured(m, sparsity, self.config, activity)
+            if self.config.recover_epochs and stats["layers"]:
+                out, stats["recover"] = self._recover(m, out)
+            return out, stats
+
         if self.config.max_drop is not None:
-            return budget_search(self, model, lambda m, s: prune_structured(m, s, self.config, activity))
-        out, stats = prune_structured(model, self.config.target, self.config, activity)
+            return budget_search(self, model, prune)
+        out, stats = prune(model, self.config.target)
         return StatsResult(out, modified=bool(stats["layers"]), stats=stats)
+
+    def _recover(self, teacher: ir.Model, student: ir.Model) -> tuple[ir.Model, dict]:
+        from edgepipe.passes.prune_recover import recover  # torch: only when asked
+
+        from edgepipe import distill
+
+        c = self.config
+        cfg = distill.TrainConfig(loss=c.recover_loss, epochs=c.recover_epochs, lr=c.recover_lr, batch_size=c.recover_batch_size,
+                                  threads=c.recover_threads)
+        return recover(teacher, student, self.require_calibration(), cfg)
 
 
 def _with_shapes(model: ir.Model) -> ir.Model:

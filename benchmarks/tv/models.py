@@ -6,11 +6,13 @@ build's compiled ops do not load with the CPU torch, the model definitions do no
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.library
 
-SIZE = 224
+SIZE = int(os.environ.get("TV_SIZE", 224))  # smaller images for CPU fine-tuning benchmarks
 
 
 def _torchvision():
@@ -82,3 +84,9 @@ def efficientnet_b0() -> torch.nn.Module:
 
 def densenet121() -> torch.nn.Module:
     return build("densenet121")
+
+
+def training():
+    """More images of the same kind for recovery fine-tuning (disjoint seeds from calibration and eval)."""
+    for seed in range(32):
+        yield {"image": images(8, 1000 + seed)}
