@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 QUANTIZE = ("quantize.static", "quantize.dynamic")
 # int8 counts as slower only past both: a relative margin over the timing noise (interleaved medians on a
 # shared 2-core machine spread by ~3 %), and an absolute one (a tiny model is dispatch-bound: µs either way).
-MARGIN = 0.10
+MARGIN = 0.05
 MIN_MS = 0.05
 ACTIVATIONS = {"HardSwish", "HardSigmoid", "Sigmoid"}
 POOLS = {"GlobalAveragePool", "ReduceMean"}
