@@ -113,10 +113,11 @@ def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig,
     layers: dict[str, str] = {}
     plan = Plan()
     pruned_values = frozenset(key for g in groups for key in g.values)
-    removed = 0
+    removed = rounded = 0
     for group in groups:
         keep = _keep(group, sparsity, config, activity)
         if len(keep) == group.channels:
+            rounded += len(group.producers)
             continue
         dropped = np.setdiff1d(np.arange(group.channels), keep)
         if activity is not None and config.compensate and all(name in activity for name, _ in group.reads.values()):
@@ -127,7 +128,7 @@ def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig,
         for producer in group.producers:
             extra = f" [residual group of {len(group.producers)}]" if len(group.producers) > 1 else ""
             layers[producer.name or producer.outputs[0].name] = text + extra
-    stats = {"sparsity": sparsity, "layers": layers, "skipped": skipped, **_reached(total, removed, sparsity, skipped)}
+    stats = {"sparsity": sparsity, "layers": layers, "skipped": skipped, **_reached(total, removed, sparsity, skipped, rounded)}
     if not layers:  # nothing cut: hand back the model as it came, not the normalized copy
         return clone(model), stats
     plan.apply(_set_input)
@@ -136,15 +137,17 @@ def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig,
     return out, stats
 
 
-def _reached(total: int, removed: int, sparsity: float, skipped: dict[str, str]) -> dict:
+def _reached(total: int, removed: int, sparsity: float, skipped: dict[str, str], rounded: int) -> dict:
     """The share of all producers' output channels cut, and a warning when it is far below the ask."""
     share = removed / total if total else 0.0
     out: dict = {"channels_cut": round(share, 4)}
     if sparsity > 0 and share < SHORTFALL * sparsity:
         reasons = sorted({why.split(": ", 1)[-1][:60] for why in skipped.values()})
+        if rounded:
+            reasons.insert(0, f"{rounded} layers kept whole: their kept width rounds up to a block of multiple_of")
         out["warning"] = (f"prune.structured: asked {sparsity:.0%}, reached {share:.0%} of the channels: skipped {len(skipped)} "
                           f"layers ({'; '.join(reasons[:3])}{'; …' if len(reasons) > 3 else ''})")
-        logger.warning(out["warning"])
+        logger.info(out["warning"])
     return out
 
 
