@@ -17,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
+from edgepipe.core import distill as D  # noqa: E402
 from edgepipe.pipeline.distill_stage import distill_hf_folder  # noqa: E402
-from edgepipe.sources import distill as D  # noqa: E402
 
 
 def teacher_folder() -> Path:

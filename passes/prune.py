@@ -49,6 +49,14 @@ class StructuredConfig(BudgetConfig):
     criterion: Literal["l1", "l1_in_out", "activation"] = "l1"
     calibration_samples: int = Field(64, ge=1)
     compensate: bool = True  # with activation: fold pruned channels' mean output into the consumer bias
+    # Recovery: fine-tune the pruned graph's weights to the unpruned model's outputs on the calibration data
+    # (passes/prune_recover.py); 0 = one-shot.
+    recover_epochs: int = Field(0, ge=0)
+    recover_lr: float = Field(1e-3, gt=0.0)
+    recover_loss: Literal["mse", "cosine", "kl"] = "mse"
+    recover_batch_size: int = Field(32, ge=1)
+    # torch threads: 1 by default; on a loaded machine 2 threads measured 20x slower than 1 (spin-waiting)
+    recover_threads: int = Field(1, ge=1)
 
 
 class MagnitudeConfig(BudgetConfig):

@@ -35,23 +35,25 @@ def channel_activity(model: ir.Model, values: dict[str, int], context: PassConte
     return {name: (sums[name] / max(counts[name], 1), signed[name] / max(counts[name], 1)) for name in sums}
 
 
-def compensate(group, dropped: dict[int, np.ndarray], activity: Activity, set_input) -> None:  # noqa: ANN001
+def compensate(group, dropped: np.ndarray, activity: Activity, set_input, pruned: frozenset[int] = frozenset()) -> None:  # noqa: ANN001
     """Fold the mean contribution of dropped features into each consumer's bias (FLAP-style compensation).
 
-    ``dropped`` maps a reader's repeat to the feature indices it loses. Exact for
+    ``dropped``: the group's channels that go (each reader maps them to its own feature positions);
+    ``pruned``: ids of values whose channels other groups cut (a consumer there needs a bias to compensate in). Exact for
     Gemm/MatMul consumers in expectation; for a padded Conv it ignores the border.
     """
-    for (node, index, r_axis, repeat), (name, _space) in zip(group.readers, group.reads, strict=True):
+    for key, (node, index, r_axis, space) in group.readers.items():
+        name = group.reads[key][0]
         if name not in activity:
             continue
         w = np.moveaxis(node.inputs[index].const_value.numpy().astype(np.float64), r_axis, 0)
-        drop = dropped[repeat]
+        drop = space.indices(dropped)
         contrib = np.tensordot(activity[name][1][drop], w[drop], axes=1)
         comp = contrib.reshape(contrib.shape[0], -1).sum(1) if node.op_type == "Conv" else contrib
-        _add_bias(node, comp.astype(np.float32), set_input)
+        _add_bias(node, comp.astype(np.float32), set_input, insert=id(node.outputs[0]) not in pruned)
 
 
-def _add_bias(node: ir.Node, comp: np.ndarray, set_input) -> None:  # noqa: ANN001
+def _add_bias(node: ir.Node, comp: np.ndarray, set_input, insert: bool) -> None:  # noqa: ANN001
     out = node.outputs[0]
     bias_index = 2 if node.op_type in ("Conv", "Gemm") else None
     target = (node, bias_index) if bias_index is not None and len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -64,6 +66,8 @@ def _add_bias(node: ir.Node, comp: np.ndarray, set_input) -> None:  # noqa: ANN0
         if bias.size == comp.size:
             set_input(target[0], target[1], (bias + comp.reshape(bias.shape)).astype(bias.dtype))
             return
+    if not insert:  # a new Add would carry a per-channel constant the deletion plan does not know
+        return
     shape = (comp.size, 1, 1) if node.op_type == "Conv" else (comp.size,)
     graph = node.graph
     name = f"{out.name}__pruned_mean"

@@ -55,6 +55,7 @@ class Target:
     description: ClassVar[str]
     providers: ClassVar[list[str]] = ["CPUExecutionProvider"]
     quantized: ClassVar[bool] = True
+    speed_checked: ClassVar[bool] = False  # int8 vs float timed before shipping (targets/speed.py)
 
     def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
         raise NotImplementedError

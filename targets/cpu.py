@@ -12,6 +12,7 @@ class CpuTarget(Target):
 
     name = "cpu"
     description = "ONNX Runtime, CPU provider, int8"
+    speed_checked = True  # int8 ships only where it is not slower than float (targets/speed.py)
 
     def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
         quantize = {"name": "quantize.static"} if ctx.has_calibration else {"name": "quantize.dynamic"}

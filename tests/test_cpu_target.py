@@ -8,13 +8,16 @@ import onnx
 from conftest import DIGITS, write_recipe
 
 from edgepipe.cli import main
+from edgepipe.targets.cpu import CpuTarget
 
 GOOD = (DIGITS / "recipe.yaml").read_text().replace("targets: [cpu, mobile, gpu]", "targets: [cpu]")
 
 
-def test_dynamic_int8_when_no_calibration(tmp_path):
+def test_dynamic_int8_when_no_calibration(tmp_path, monkeypatch):
+    # Dynamic int8 of this tiny CNN is slower than float (the speed check would ship float): off here.
+    monkeypatch.setattr(CpuTarget, "speed_checked", False)
     recipe = write_recipe(tmp_path, GOOD.replace("  calibration: data.py:calibration\n", ""))
-    assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "-q", "--executor", "inprocess"]) == 0  # the monkeypatch
     folder = tmp_path / "out" / "digits-cnn" / "cpu"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["passes"][-1]["name"] == "quantize.dynamic"

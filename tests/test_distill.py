@@ -11,9 +11,9 @@ from conftest import DIGITS, write_recipe
 from torch import nn
 
 from edgepipe.cli import main
+from edgepipe.core import distill as D
 from edgepipe.core.errors import BadInput
 from edgepipe.core.loader import load_callable
-from edgepipe.sources import distill as D
 from edgepipe.sources.export import module_digest
 
 MLP = '''

@@ -48,9 +48,14 @@ def test_mlp_dead_neurons_are_removed_exactly_and_idempotent():
     assert not again.modified and same(again.model, result.model)
 
 
-def test_multiple_of_rounds_the_kept_width_up():
+def test_multiple_of_rounds_the_kept_width_up_and_adapts_to_small_layers():
     result = _prune(_mlp([]), sparsity=0.7, multiple_of=4)
     assert _inits(result.model)["W1"].shape == (8, 8)  # 16 - 11 = 5 kept → rounded up to 8
+    assert _inits(_prune(_mlp([]), sparsity=0.7, multiple_of=16).model)["W1"].shape == (8, 8)  # 16 wide: blocks of 16 // 4
+    wide = RNG.standard_normal((8, 128)).astype(np.float32)
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("Relu", ["h"], ["r"]), node("MatMul", ["r", "W2"], ["y"])]
+    model = make_model(nodes, {"W1": wide, "W2": wide.T.copy()}, [tensor("x", ["n", 8])], [tensor("y", ["n", 8])])
+    assert _inits(_prune(model, sparsity=0.7, multiple_of=16).model)["W1"].shape == (8, 48)  # 38 kept → 48
 
 
 def test_residual_add_is_left_alone_and_reported():
@@ -123,11 +128,12 @@ def test_digits_cnn_half_the_channels(digits_onnx):
     assert top1(result.model) > 0.5  # one-shot, no fine-tuning: it drops (0.986 → 0.79); the budget form bounds it
 
 
-def test_digits_default_widths_stay_multiples_of_16(digits_onnx):
+def test_digits_default_widths_are_blocks_that_fit_the_layer(digits_onnx):
     result = PruneStructured(PruneStructured.Config(sparsity=0.5))(load(digits_onnx))
-    widths = {k: int(v.split("→")[1].split()[0]) for k, v in result.stats["layers"].items()}
-    assert sorted(widths.values()) == [16, 32, 64]  # the 16-channel first conv is not cut below one block
-    assert all(w % 16 == 0 for w in widths.values())
+    shapes = {k: [int(x) for x in v.split()[0].split("→")] for k, v in result.stats["layers"].items()}
+    # 16 multiple_of by default; a layer under 64 channels rounds to channels // 4 (16 → 4, 32 → 8)
+    assert sorted(shapes.values()) == [[16, 8], [32, 16], [64, 32], [128, 64]]
+    assert all(kept % min(16, width // 4) == 0 for width, kept in shapes.values())
 
 
 @pytest.fixture(scope="module")

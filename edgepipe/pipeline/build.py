@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ from edgepipe.sources.datashapes import longest_shapes
 from edgepipe.sources.export import Source
 from edgepipe.sources.source import load_source
 from edgepipe.targets import TARGETS, Target, TargetContext, compat
+from edgepipe.targets.speed import run_chain
 
 logger = logging.getLogger(__name__)
 GOLDEN_SAMPLES = 8
@@ -305,7 +307,10 @@ def _build_target(ctx: BuildContext, name: str) -> TargetResult:
     for variant in target.variants(tctx):
         if variant.key != "main":
             logger.info(f"  model {variant.key}")
-        model, pass_log = run_with_fallback(name, spec, variant.passes, _pass_context(stage, variant.key), load(ctx.source.onnx_path), run_passes)
+        sample = ev.batches[0][0] if ev.batches else None
+        # int8 only where it is not slower than float (cpu, mobile), inside the budget's fallback
+        run = functools.partial(_speed_checked, target, tctx, sample)
+        model, pass_log = run_with_fallback(name, spec, variant.passes, _pass_context(stage, variant.key), load(ctx.source.onnx_path), run)
         cap = None
         if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
             model, cap = compat.cap(model, version)
@@ -332,6 +337,11 @@ def _pass_context(stage: TargetStage, key: str) -> PassContext:
 
     return PassContext(workdir=work, calibration=stage.ctx.calibration, evaluate=evaluate, accept=accept,
                        target=stage.target.name, map=current_map())
+
+
+def _speed_checked(target: Target, tctx: TargetContext, sample: dict[str, np.ndarray] | None,
+                   chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model) -> tuple[ir.Model, list[dict]]:
+    return run_chain(target, tctx, chain, pctx, model, sample, run_passes)
 
 
 def run_passes(chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model) -> tuple[ir.Model, list[dict]]:
@@ -406,7 +416,7 @@ def _check_model(stage: TargetStage, b: Built, tmp: Path) -> tuple[AccuracyResul
                             golden=golden, lat=lat, folder=tmp)
     if b.runtime_cap is not None:
         entry["runtime"]["requested"] = b.runtime_cap
-    entry["warnings"] = list(ev.warnings)
+    entry["warnings"] = list(ev.warnings) + [p["stats"]["warning"] for p in b.pass_log if p["stats"].get("warning")]
     if any(p["name"].startswith("quantize") for p in b.pass_log):
         # Speed check: int8 that is not faster than float on its runtime says so, with the likely cause.
         float_ms = latency(Runner(source.onnx_path, providers=emitted.providers), feed1)["p50_ms"]

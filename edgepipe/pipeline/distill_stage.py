@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepipe.core import distill as D
 from edgepipe.core.errors import BadInput, CheckFailed
 from edgepipe.core.loader import load_callable
 from edgepipe.recipe import DistillSpec, Recipe
 from edgepipe.sources import data as data_mod
-from edgepipe.sources import distill as D
 from edgepipe.sources.export import call_factory, module_digest
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,171 @@
+"""Speed-aware int8: a cpu/mobile artifact is never slower than the float model it came from.
+
+The chain runs up to its quantize pass (the float model), then the rest; both are emitted the way
+the target ships them (model.onnx, or the mobile .ort) and timed side by side on one sample. When
+int8 is slower by more than the noise, the known-slow patterns (squeeze-excitation, hard-swish /
+hard-sigmoid / swish activations, depthwise convolutions) stay float and it is timed again; when
+that is still slower, the float model ships. Three timings at most, and the choice is in the
+quantize pass's stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgepipe.core.bench import resize_batch
+from edgepipe.core.runtime import Runner, pad_tokens
+from edgepipe.passes import PassContext
+from edgepipe.passes.base import clone
+from edgepipe.passes.float_guard import name_nodes
+from edgepipe.targets.base import Target, TargetContext
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE = ("quantize.static", "quantize.dynamic")
+# int8 counts as slower only past both: a relative margin over the timing noise (interleaved medians on a
+# shared 2-core machine spread by ~3 %), and an absolute one (a tiny model is dispatch-bound: µs either way).
+MARGIN = 0.05
+MIN_MS = 0.05
+ACTIVATIONS = {"HardSwish", "HardSigmoid", "Sigmoid"}
+POOLS = {"GlobalAveragePool", "ReduceMean"}
+RunPasses = Callable[[list[dict[str, Any]], PassContext, ir.Model], tuple[ir.Model, list[dict]]]
+Timer = Callable[[list[Path], "Target", dict[str, np.ndarray]], list[float]]
+
+
+def slower(int8_ms: float, float_ms: float) -> bool:
+    """Is int8 slower than float beyond the noise (relative and absolute margins)?"""
+    return int8_ms > float_ms * (1 + MARGIN) and int8_ms - float_ms > MIN_MS
+
+
+def slow_nodes(model: ir.Model) -> list[str]:
+    """Nodes whose int8 form ORT runs slower than float: squeeze-excitation blocks, the activations
+    without an int8 kernel (each costs a DequantizeLinear/QuantizeLinear pair), depthwise convolutions.
+
+    Names as quantize.static sees them (it names unnamed nodes the same way).
+    """
+    named = clone(model)
+    name_nodes(named)
+    found: list[str] = []
+    for node in named.graph:
+        if node.op_type in ACTIVATIONS or (node.op_type == "Conv" and _group(node) > 1):
+            found.append(node.name)
+        elif node.op_type == "Mul" and any(_gate(v) for v in node.inputs):
+            found.append(node.name)  # x * sigmoid(...): swish, or the squeeze-excitation scale
+        elif node.op_type in POOLS:
+            found += [node.name, *_excitation(node)]
+    return list(dict.fromkeys(found))
+
+
+def _group(node: ir.Node) -> int:
+    attr = node.attributes.get("group")
+    return attr.as_int() if attr is not None else 1
+
+
+def _gate(value: ir.Value | None) -> bool:
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type in ACTIVATIONS
+
+
+def _excitation(pool: ir.Node) -> list[str]:
+    """The 1x1 convs and activations between a global pool and the Mul it scales (squeeze-excitation)."""
+    out: list[str] = []
+    seen = {id(pool.outputs[0])}
+    frontier = [pool.outputs[0]]
+    for _ in range(8):  # pool → conv → act (swish: 2 nodes) → conv → gate → Mul: a handful of hops
+        nxt = []
+        for value in frontier:
+            for user, _index in value.uses():
+                inner = all(id(v) in seen or v.const_value is not None for v in user.inputs if v is not None)
+                if user.op_type == "Mul" and not inner:
+                    return out  # the scale: one operand is the block's feature map
+                if user.op_type in ("Conv", "Relu", "Clip", "Mul", *ACTIVATIONS):
+                    out.append(user.name)
+                    seen.update(id(o) for o in user.outputs)
+                    nxt.extend(user.outputs)
+        frontier = nxt
+    return []  # no scaling Mul reached: not an excitation block
+
+
+def quantize_index(chain: list[dict[str, Any]]) -> int | None:
+    """Position of the chain's (single) plain int8 quantize pass, if any."""
+    found = [i for i, p in enumerate(chain) if p.get("name") in QUANTIZE]
+    return found[0] if len(found) == 1 else None
+
+
+def time_artifacts(paths: list[Path], target: Target, sample: dict[str, np.ndarray], seconds: float = 2.0, threads: int = 1) -> list[float]:
+    """Median ms per call of each model on one sample; calls alternate model by model, so contention on a
+    shared machine hits all alike. One thread: a ranking under load, not the device's absolute latency."""
+    runners = [Runner(p, providers=list(target.providers), threads=threads) for p in paths]
+    feeds = []
+    for r in runners:
+        feed = resize_batch(sample, r.fixed_batch() or 1)
+        feeds.append({k: pad_tokens(v, r.inputs[k].shape) if k in r.inputs else v for k, v in feed.items()})
+    start = time.perf_counter()
+    for _ in range(3):
+        for r, f in zip(runners, feeds, strict=True):
+            r.run(f)
+    per_round = max((time.perf_counter() - start) / 3, 1e-5)
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(int(np.clip(seconds / per_round, 15, 400))):
+        for i, (r, f) in enumerate(zip(runners, feeds, strict=True)):
+            t = time.perf_counter()
+            r.run(f)
+            times[i].append(time.perf_counter() - t)
+    return [round(float(np.median(t)) * 1e3, 4) for t in times]
+
+
+def run_chain(
+    target: Target, tctx: TargetContext, chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model,
+    sample: dict[str, np.ndarray] | None, run_passes: RunPasses, timer: Timer = time_artifacts,
+) -> tuple[ir.Model, list[dict]]:
+    """Run ``chain``; on a speed-checked target, ship int8 only where it is not slower than float."""
+    q = quantize_index(chain)
+    if not target.speed_checked or q is None or sample is None:
+        return run_passes(chain, pctx, model)
+    float_model, head = run_passes(chain[:q], pctx, model)
+    int8_model, tail = run_passes(chain[q:], pctx, float_model)
+    if not tail[0]["modified"]:  # already quantized upstream: nothing to compare
+        return int8_model, head + tail
+    shipped_float, float_tail = run_passes(chain[q + 1 :], pctx, float_model)
+    work = Path(tempfile.mkdtemp(prefix="speed-", dir=pctx.workdir if pctx.workdir.exists() else None))
+    try:
+        def emit(m: ir.Model, key: str) -> Path:
+            folder = work / key
+            folder.mkdir()
+            return folder / target.emit(m, folder, tctx).model_file
+
+        float_path, int8_path = emit(shipped_float, "float"), emit(int8_model, "int8")
+        float_ms, int8_ms = timer([float_path, int8_path], target, sample)
+        speed: dict[str, Any] = {"float_ms": float_ms, "int8_ms": int8_ms, "margin": MARGIN}
+        if not slower(int8_ms, float_ms):
+            tail[0]["stats"]["speed"] = {**speed, "choice": "int8"}
+            logger.info(f"  speed int8 {int8_ms:.3f} ms, float {float_ms:.3f} ms: int8 ships")
+            return int8_model, head + tail
+        exclude = slow_nodes(float_model)
+        if exclude:
+            entry = dict(chain[q])
+            entry["nodes_to_exclude"] = list(dict.fromkeys([*entry.get("nodes_to_exclude", []), *exclude]))
+            partial, partial_tail = run_passes([entry, *chain[q + 1 :]], pctx, float_model)
+            float_ms, partial_ms = timer([float_path, emit(partial, "partial")], target, sample)
+            speed.update(partial_ms=partial_ms, float_ms_retimed=float_ms, kept_float=len(exclude))
+            if not slower(partial_ms, float_ms):
+                partial_tail[0]["stats"]["speed"] = {**speed, "choice": "int8, slow patterns in float"}
+                logger.info(f"  speed int8 {int8_ms:.3f} ms > float {float_ms:.3f} ms: {len(exclude)} slow-pattern nodes kept float → {partial_ms:.3f} ms")
+                return partial, head + partial_tail
+        why = f"int8 slower than float on this machine ({speed.get('partial_ms', int8_ms):.3f} ms vs {float_ms:.3f} ms p50, batch 1): shipped float"
+        logger.info(f"  speed {why}")
+        # Not a quantize entry: nothing in the shipped model is quantized (golden tolerance, speed warning).
+        record = {"name": "speed.check", "params": {"dropped": chain[q]}, "modified": True,
+                  "stats": {"summary": why, "warning": f"{target.name}: {why}", "speed": {**speed, "choice": "float"}}}
+        return shipped_float, [*head, record, *float_tail]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
