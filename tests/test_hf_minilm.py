@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
+from edgepipe.core.artifact import sha256_file as file_sha256
 from edgepipe.core.errors import BadInput
 from edgepipe.passes import PassContext, create
 from edgepipe.passes.base import load
 from edgepipe.pipeline.build import build
 from edgepipe.recipe import load_recipe, parse_recipe
-from edgepipe.sources.export import file_sha256
 from edgepipe.sources.hf import export_hf
 
 MINILM = Path(__file__).resolve().parents[1] / "models" / "minilm"

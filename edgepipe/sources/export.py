@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgepipe.core.artifact import sha256_file
 from edgepipe.core.errors import BadInput, CheckFailed, explain, one_line
 from edgepipe.core.loader import load_callable
 from edgepipe.core.logs import muted
@@ -46,14 +47,6 @@ class Source:
     distill: dict = dataclasses.field(default_factory=dict)  # teacher/student/metrics when distilled
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def onnx_io(path: Path) -> tuple[InputSpecs, list[str]]:
     """Input specs (dtype, shape with names for dynamic dims) and output names of an ONNX file."""
     model = onnx.load(str(path), load_external_data=False)
@@ -84,7 +77,7 @@ def load_onnx_source(recipe: Recipe, workdir: Path) -> Source:
     inputs, outputs = onnx_io(path)
     _check_declared(recipe, inputs, outputs, path.name)
     runner = Runner(path)
-    return Source(path, runner.run, inputs, outputs, "onnx", file_sha256(path))
+    return Source(path, runner.run, inputs, outputs, "onnx", sha256_file(path))
 
 
 def _check_declared(recipe: Recipe, inputs: InputSpecs, outputs: list[str], what: str) -> None:
