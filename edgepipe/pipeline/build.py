@@ -122,7 +122,8 @@ def _decoder(recipe: Recipe, out: Path, targets: list[str], force: bool, on_star
     if on_start is not None:
         on_start(targets[0])
     try:
-        results = build_decoder(recipe, out, targets, force)
+        built = build_decoder(recipe, out, targets, force)
+        results = [dataclasses.replace(r, seconds=round(time.perf_counter() - start, 2)) for r in built]
     except Exception as exc:
         results = [failure(recipe.name, name, exc, time.perf_counter() - start) for name in targets]
     for r in results:
