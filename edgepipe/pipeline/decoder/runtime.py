@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+from edgepipe.core.runtime import session
 
 logger = logging.getLogger(__name__)
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
@@ -27,14 +28,8 @@ class OrtDecoder:
 
     def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
                  session_config: dict[str, str] | None = None) -> None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, value)
         start = time.perf_counter()
-        self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=providers or ["CPUExecutionProvider"])
+        self.session = session(path, providers, threads=threads, config=session_config)
         self.load_seconds = time.perf_counter() - start
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         pasts = sorted((int(m[1]), m[2], name) for name in self.inputs if (m := PAST.fullmatch(name)))
