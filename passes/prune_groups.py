@@ -127,6 +127,16 @@ class Plan:
             axis = space.axis if space.axis >= 0 else len(value.shape) + space.axis
             self.values.setdefault(key, (value, {}))[1].setdefault(axis, set()).update(space.indices(dropped).tolist())
 
+    def kept(self) -> dict[str, tuple[int, np.ndarray]]:
+        """Each value whose channels are cut: its channel axis and the positions that stay (before ``apply``)."""
+        out = {}
+        for value, axes in self.values.values():
+            for axis, gone in axes.items():
+                size = value.shape.dims[axis] if 0 <= axis < len(value.shape) else None
+                if isinstance(size, int):
+                    out[value.name] = (axis, np.setdiff1d(np.arange(size), sorted(gone)))
+        return out
+
     def apply(self, set_input) -> None:  # noqa: ANN001 - prune_structured._set_input
         for node, index, axes in self.tensors.values():
             array = node.inputs[index].const_value.numpy()

@@ -1,30 +1,27 @@
-"""Recovery after structured pruning: the pruned graph's weights trained to match the unpruned model's outputs.
+"""The ONNX graph run in torch, for recovery after structured pruning (passes/prune_finetune.py).
 
-The ONNX graph itself is run in torch (``OnnxModule``: a small interpreter over the ops CNN heads and
-blocks use, its float initializers as parameters), so the pruned model is fine-tuned as it is, with no
-channel mapping back to a torch module; distill's training loop does the rest (teacher = the pass's
-input model, student = the pruned one, data = the calibration batches). The trained weights are
-written back into the pruned graph.
-"""
+``OnnxModule`` is a small interpreter over the ops CNN heads and blocks use, its float initializers as
+parameters, so the pruned model is re-estimated and fine-tuned as it is, with no channel mapping back
+to a torch module; ``run`` hands back intermediate values (block outputs to match) and lets a hook
+rewrite each node's output (statistics re-estimation). The trained weights are written back into the
+pruned graph."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
-from onnx_ir.passes import common
 from torch import nn
 
-from edgepipe.core import distill as D
 from edgepipe.core.errors import BadInput
-from edgepipe.passes.base import clone
 
 logger = logging.getLogger(__name__)
 Op = Callable[[ir.Node, list], torch.Tensor]
+Hook = Callable[[ir.Node, torch.Tensor], torch.Tensor]
 
 
 def _ints(node: ir.Node, name: str, default: list[int] | None = None) -> list[int] | None:
@@ -154,16 +151,48 @@ class OnnxModule(nn.Module):
                 self.params[key] = nn.Parameter(tensor)
             else:
                 self.consts[name] = tensor
+        self.output = model.graph.outputs[0].name
+        self._dead = self._last_reads()
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(inputs)[self.output]
+
+    def run(self, inputs: Sequence[torch.Tensor], keep: Collection[str] = (), hook: Hook | None = None) -> dict[str, torch.Tensor]:
+        """The first output and the values named in ``keep``; ``hook(node, output)`` may replace each node's output.
+
+        A value is dropped once its last reader has run, so a whole calibration set fits in one pass.
+        """
         env: dict[str, torch.Tensor] = dict(zip(self.inputs, inputs, strict=True))
         for name, key in self.keys.items():
             env[name] = self.params[key]
         env.update(self.consts)
-        for node in self.graph:
+        wanted = {self.output, *keep}
+        for node, dead in zip(self.graph, self._dead, strict=True):
             args = [env[v.name] if v is not None and v.name in env else self._constant(v) for v in node.inputs]
-            env[node.outputs[0].name] = OPS[node.op_type](node, args)
-        return env[self.graph.outputs[0].name]
+            out = OPS[node.op_type](node, args)
+            env[node.outputs[0].name] = hook(node, out) if hook is not None else out
+            for name in dead:
+                if name not in wanted:
+                    env.pop(name, None)
+        return {name: env[name] for name in wanted}
+
+    def _last_reads(self) -> list[list[str]]:
+        """Per node, the computed values no later node reads (freed after it runs)."""
+        last: dict[str, int] = {}
+        nodes = list(self.graph)
+        for i, node in enumerate(nodes):
+            for v in node.inputs:
+                if v is not None and v.name not in self.keys and v.name not in self.consts:
+                    last[v.name] = i
+        dead: list[list[str]] = [[] for _ in nodes]
+        for name, i in last.items():
+            dead[i].append(name)
+        return dead
+
+    def param(self, name: str) -> nn.Parameter | None:
+        """The trainable tensor of initializer ``name`` (None for constants and scalars)."""
+        key = self.keys.get(name)
+        return self.params[key] if key is not None else None
 
     @staticmethod
     def _constant(value: ir.Value | None) -> torch.Tensor | None:
@@ -179,29 +208,3 @@ class OnnxModule(nn.Module):
             value = model.graph.initializers[name]
             array = self.params[key].detach().numpy().astype(np.float32)
             value.const_value = ir.tensor(array, name=name)
-
-
-def recover(teacher: ir.Model, student: ir.Model, calibration: Callable[[], Iterable[dict[str, np.ndarray]]],
-            cfg: D.TrainConfig) -> tuple[ir.Model, dict]:
-    """``student`` fine-tuned on the calibration data to match ``teacher``'s first output."""
-    samples = D.stack_batches(calibration())
-    teacher = clone(teacher)  # Constant nodes become initializers: the interpreter reads only those
-    common.IdentityEliminationPass()(teacher)
-    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(teacher)
-    t_mod, s_mod = OnnxModule(teacher), OnnxModule(student)
-    t_mod.requires_grad_(False)
-    forward = D.positional(s_mod.inputs)
-    before = _cosine(t_mod, s_mod, samples, forward)
-    history = D.train(t_mod, s_mod, samples, forward, cfg)  # logs through edgepipe.core.distill
-    after = _cosine(t_mod, s_mod, samples, forward)
-    s_mod.write_back(student)
-    stats = {"epochs": cfg.epochs, "loss": cfg.loss, "samples": len(next(iter(samples.values()))),
-             "loss_first_last": [round(history[0], 6), round(history[-1], 6)],
-             "calibration_cosine": {"before": round(before, 4), "after": round(after, 4)}}
-    return student, stats
-
-
-def _cosine(teacher: nn.Module, student: nn.Module, samples: dict[str, np.ndarray], forward) -> float:  # noqa: ANN001
-    t = D.outputs(teacher, samples, forward).flatten(1)
-    s = D.outputs(student, samples, forward).flatten(1)
-    return float(F.cosine_similarity(t, s, dim=1).mean())

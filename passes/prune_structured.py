@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from edgepipe.core.errors import BadInput
 from edgepipe.passes.base import EdgepipePass, StatsResult, clone
 from edgepipe.passes.prune import StructuredConfig, budget_search, marker, set_marker
 from edgepipe.passes.prune_activation import Activity, channel_activity, compensate
@@ -44,9 +45,10 @@ class PruneStructured(EdgepipePass):
         if self.config.criterion == "activation":
             activity = channel_activity(model, read_values(model), self.context, self.config.calibration_samples)
         def prune(m: ir.Model, sparsity: float) -> tuple[ir.Model, dict]:
-            out, stats = prune_structured(m, sparsity, self.config, activity)
-            if self.config.recover_epochs and stats["layers"]:
-                out, stats["recover"] = self._recover(m, out)
+            kept: dict = {}
+            out, stats = prune_structured(m, sparsity, self.config, activity, kept)
+            if stats["layers"] and (self.config.recover_epochs or (self.config.recover_adapt and self.context.calibration is not None)):
+                out, stats["recover"] = self._recover(m, out, kept)
             return out, stats
 
         if self.config.max_drop is not None:
@@ -54,14 +56,22 @@ class PruneStructured(EdgepipePass):
         out, stats = prune(model, self.config.target)
         return StatsResult(out, modified=bool(stats["layers"]), stats=stats)
 
-    def _recover(self, teacher: ir.Model, student: ir.Model) -> tuple[ir.Model, dict]:
+    def _recover(self, teacher: ir.Model, student: ir.Model, kept: dict) -> tuple[ir.Model, dict]:
+        """Statistics re-estimation, then with ``recover_epochs`` a fine-tune (passes/prune_finetune.py)."""
         from edgepipe.core import distill
-        from edgepipe.passes.prune_recover import recover  # torch: only when asked
+        from edgepipe.passes.prune_finetune import RecoverConfig, recover  # torch: only when asked
 
         c = self.config
-        cfg = distill.TrainConfig(loss=c.recover_loss, epochs=c.recover_epochs, lr=c.recover_lr, batch_size=c.recover_batch_size,
-                                  threads=c.recover_threads)
-        return recover(teacher, student, self.require_calibration(), cfg)
+        samples = distill.stack_batches(self.require_calibration()())
+        cfg = RecoverConfig(epochs=c.recover_epochs, lr=c.recover_lr, loss=c.recover_loss, batch_size=c.recover_batch_size,
+                            threads=c.recover_threads, adapt=c.recover_adapt, features=c.recover_features, augment=c.recover_augment)
+        try:
+            return recover(teacher, student, samples, kept, cfg)
+        except BadInput:
+            if c.recover_epochs:
+                raise
+            logger.info("prune.structured: statistics not re-estimated (an op the torch interpreter does not run)")
+            return student, {"adapt": "skipped: unsupported op"}
 
 
 def _with_shapes(model: ir.Model) -> ir.Model:
@@ -89,8 +99,9 @@ def read_values(model: ir.Model) -> dict[str, int]:
     return found
 
 
-def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig, activity: Activity | None = None) -> tuple[ir.Model, dict]:
-    """A pruned copy of ``model`` and what was cut per layer."""
+def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig, activity: Activity | None = None,
+                     kept: dict[str, tuple[int, np.ndarray]] | None = None) -> tuple[ir.Model, dict]:
+    """A pruned copy of ``model`` and what was cut per layer; ``kept`` gets each cut value's kept channel positions."""
     out = _with_shapes(model)
     traced: list[Group | Unsafe] = []
     names: list[str] = []
@@ -131,6 +142,8 @@ def prune_structured(model: ir.Model, sparsity: float, config: StructuredConfig,
     stats = {"sparsity": sparsity, "layers": layers, "skipped": skipped, **_reached(total, removed, sparsity, skipped, rounded)}
     if not layers:  # nothing cut: hand back the model as it came, not the normalized copy
         return clone(model), stats
+    if kept is not None:
+        kept.update(plan.kept())
     plan.apply(_set_input)
     set_marker(out, "prune.structured", f"sparsity={sparsity:g}")
     common.RemoveUnusedNodesPass()(out)
