@@ -58,7 +58,7 @@ class StructuredConfig(BudgetConfig):
     # Right after the cut, each layer's output channels get back the unpruned model's mean and spread on the
     # calibration data (BatchNorm adaptation, folded; passes/prune_adapt.py): on whenever there is calibration data.
     recover_adapt: bool = True
-    # Fine-tuning: match block outputs (residual Adds, Concats, pooling) too, and augment the images (flips, shifts)
+    # Fine-tuning: match block outputs (residual Adds, Concats, pooling) too, and augment the images (random shifts)
     recover_features: bool = True
     recover_augment: bool = True
     # torch threads: 1 by default; on a loaded machine 2 threads measured 20x slower than 1 (spin-waiting)
