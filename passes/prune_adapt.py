@@ -28,8 +28,8 @@ SCALE = (0.1, 10.0)  # a correction outside this range is a sign of a dead chann
 
 def channel_stats(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of each position along ``axis`` over every other axis."""
-    flat = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1).double()
-    return flat.mean(1), flat.std(1, unbiased=False)
+    var, mean = torch.var_mean(x.detach(), dim=[d for d in range(x.dim()) if d != axis % x.dim()], correction=0)
+    return mean, var.sqrt()
 
 
 def _affine(module: OnnxModule, node: ir.Node) -> tuple[nn.Parameter, int, nn.Parameter, int] | None:

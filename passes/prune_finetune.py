@@ -136,7 +136,7 @@ def _finetune(t_mod: OnnxModule, s_mod: OnnxModule, data: _Samples, train: np.nd
     per_epoch = -(-len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.epochs * per_epoch, 1), pct_start=0.1)
     held_targets = _outputs(t_mod, data, held) if len(held) else None
-    best, best_state, stale, history = -float("inf"), None, 0, []
+    best, best_state, top, stale, history = -float("inf"), None, -float("inf"), 0, []
     if held_targets is not None:  # the adapted weights are the ones to beat
         best = float(F.cosine_similarity(_outputs(s_mod, data, held), held_targets, dim=1).mean())
         best_state = {k: v.detach().clone() for k, v in s_mod.state_dict().items()}
@@ -166,13 +166,14 @@ def _finetune(t_mod: OnnxModule, s_mod: OnnxModule, data: _Samples, train: np.nd
         score = float(F.cosine_similarity(_outputs(s_mod, data, held), held_targets, dim=1).mean()) if held_targets is not None else -history[-1]
         logger.info(f"  recover epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]:.5f}, held-out cosine "
                     f"{score if held_targets is not None else float('nan'):.4f} ({time.perf_counter() - start:.1f}s)")
-        if score > best + 1e-5:
-            best, stale = score, 0
-            best_state = {k: v.detach().clone() for k, v in s_mod.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= patience:
-                break
+        if score > best:
+            best, best_state = score, {k: v.detach().clone() for k, v in s_mod.state_dict().items()}
+        # patience counts epochs without progress among the trained ones: the first epochs, at the peak of
+        # the schedule, may well score below the re-estimated start and climb past it later
+        stale = 0 if score > top + 1e-5 else stale + 1
+        top = max(top, score)
+        if stale >= patience:
+            break
     if best_state is not None:
         s_mod.load_state_dict(best_state)
     return {"epochs": len(history), "loss": cfg.loss, "features": len(matched), "augment": cfg.augment,
