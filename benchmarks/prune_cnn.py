@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 def recipe(folder: Path, arch: str, size: int, sparsity: float, epochs: int, lr: float) -> Path:
     prune = {"name": "prune.structured", "sparsity": sparsity}
     if epochs:
-        prune.update(recover_epochs=epochs, recover_lr=lr, recover_loss="cosine")
+        prune.update(recover_epochs=epochs, recover_lr=lr)
     models = HERE / "tv" / "models.py"
     text = {
         "name": arch,
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["resnet18", "mobilenet_v2", "densenet121"])
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--recover-epochs", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=3e-4)
     args = ap.parse_args()
     size = int(os.environ.get("TV_SIZE", 224))
     work = Path(tempfile.mkdtemp(prefix="prune-cnn-"))
@@ -59,7 +59,8 @@ def main() -> None:
         m = result.manifest
         prune = next(p for p in m["passes"] if p["name"] == "prune.structured")
         before, after = prune["stats"]["before"]["params"], prune["stats"]["after"]["params"]
-        rec = prune["stats"].get("recover", {}).get("calibration_cosine", "-")
+        rec = prune["stats"].get("recover", {})
+        rec = rec.get("held_out_cosine", rec.get("calibration_cosine", "-"))
         ok = cli(["verify", str(work / "out" / arch / "cpu")]) == 0
         rows.append(f"| {arch} | {before:,} | {after:,} | {1 - after / before:.1%} | {m['accuracy']['value']:.4f} | {rec} | {'ok' if ok else 'FAILED'} |")
         print(rows[-1], flush=True)

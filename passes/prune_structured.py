@@ -8,7 +8,6 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from edgepipe.core.errors import BadInput
 from edgepipe.passes.base import EdgepipePass, StatsResult, clone
 from edgepipe.passes.prune import StructuredConfig, budget_search, marker, set_marker
 from edgepipe.passes.prune_activation import Activity, channel_activity, compensate
@@ -65,13 +64,14 @@ class PruneStructured(EdgepipePass):
         samples = distill.stack_batches(self.require_calibration()())
         cfg = RecoverConfig(epochs=c.recover_epochs, lr=c.recover_lr, loss=c.recover_loss, batch_size=c.recover_batch_size,
                             threads=c.recover_threads, adapt=c.recover_adapt, features=c.recover_features, augment=c.recover_augment)
-        try:
+        if c.recover_epochs:
             return recover(teacher, student, samples, kept, cfg)
-        except BadInput:
-            if c.recover_epochs:
-                raise
-            logger.info("prune.structured: statistics not re-estimated (an op the torch interpreter does not run)")
-            return student, {"adapt": "skipped: unsupported op"}
+        try:  # re-estimation is a default extra: a graph the torch interpreter cannot run keeps the plain cut
+            return recover(teacher, student, samples, kept, cfg)
+        except Exception as exc:  # noqa: BLE001
+            why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            logger.warning(f"prune.structured: channel statistics not re-estimated ({why})")
+            return student, {"adapt": f"skipped: {why}"}
 
 
 def _with_shapes(model: ir.Model) -> ir.Model:

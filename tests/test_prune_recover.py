@@ -124,6 +124,10 @@ def test_recovery_needs_calibration_and_supported_ops(tmp_path):
     context = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": RNG.standard_normal((4, 8)).astype(np.float32)}]))
     with pytest.raises(BadInput, match="Softsign"):
         PruneStructured(PruneStructured.Config(sparsity=0.5, recover_epochs=1, multiple_of=1), context)(_mlp_with("Softsign"))
+    # without recover_epochs the re-estimation is a default extra: the plain cut ships, with the reason
+    result = PruneStructured(PruneStructured.Config(sparsity=0.5, multiple_of=1), context)(_mlp_with("Softsign"))
+    assert result.model.graph.initializers["W1"].const_value.shape == (8, 8)
+    assert run(result.model, {"x": RNG.standard_normal((4, 8)).astype(np.float32)})[0].shape == (4, 4)
 
 
 def _mlp_with(activation: str):
