@@ -41,7 +41,7 @@ BLOCKS = ("Add", "Concat", "GlobalAveragePool", "ReduceMean")  # block outputs m
 @dataclasses.dataclass(frozen=True)
 class RecoverConfig:
     epochs: int = 0
-    lr: float = 1e-3
+    lr: float = 3e-4
     loss: str = "mse"
     batch_size: int = 32
     threads: int = 1
@@ -66,13 +66,14 @@ def recover(teacher: ir.Model, student: ir.Model, samples: dict[str, np.ndarray]
         held = order[: data.n // HOLDOUT] if cfg.epochs and data.n >= 2 * HOLDOUT else order[:0]
         train = order[len(held):]
         check = held if len(held) else train
-        cosines = {"before": _cosine(t_mod, s_mod, data, check)}
+        reference = _outputs(t_mod, data, check)
+        cosines = {"before": _cosine(reference, s_mod, data, check)}
         if cfg.adapt:
             stats["adapt"] = adapt(t_mod, s_mod, data.take(train[:ADAPT_SAMPLES]), kept)
-            cosines["adapted"] = _cosine(t_mod, s_mod, data, check)
+            cosines["adapted"] = _cosine(reference, s_mod, data, check)
         if cfg.epochs:
             stats.update(_finetune(t_mod, s_mod, data, train, held, kept, cfg, gen))
-        cosines["after"] = _cosine(t_mod, s_mod, data, check)
+            cosines["after"] = _cosine(reference, s_mod, data, check)
     s_mod.write_back(student)
     stats["held_out_cosine" if len(held) else "calibration_cosine"] = {k: round(v, 4) for k, v in cosines.items()}
     stats.update(samples=data.n, held_out=len(held))
@@ -93,8 +94,8 @@ def _outputs(module: OnnxModule, data: _Samples, idx: np.ndarray, size: int = 64
         return torch.cat([module(*data.take(idx[i:i + size])) for i in range(0, len(idx), size)]).flatten(1)
 
 
-def _cosine(teacher: OnnxModule, student: OnnxModule, data: _Samples, idx: np.ndarray) -> float:
-    return float(F.cosine_similarity(_outputs(teacher, data, idx), _outputs(student, data, idx), dim=1).mean())
+def _cosine(reference: torch.Tensor, student: OnnxModule, data: _Samples, idx: np.ndarray) -> float:
+    return float(F.cosine_similarity(reference, _outputs(student, data, idx), dim=1).mean())
 
 
 def features(student: OnnxModule, teacher: OnnxModule, kept: Kept) -> dict[str, torch.Tensor | None]:
@@ -138,7 +139,7 @@ def _finetune(t_mod: OnnxModule, s_mod: OnnxModule, data: _Samples, train: np.nd
     held_targets = _outputs(t_mod, data, held) if len(held) else None
     best, best_state, top, stale, history = -float("inf"), None, -float("inf"), 0, []
     if held_targets is not None:  # the adapted weights are the ones to beat
-        best = float(F.cosine_similarity(_outputs(s_mod, data, held), held_targets, dim=1).mean())
+        best = _cosine(held_targets, s_mod, data, held)
         best_state = {k: v.detach().clone() for k, v in s_mod.state_dict().items()}
     patience = max(3, cfg.epochs // 4)
     for epoch in range(cfg.epochs):
@@ -163,7 +164,7 @@ def _finetune(t_mod: OnnxModule, s_mod: OnnxModule, data: _Samples, train: np.nd
             sched.step()
             total += loss.item() * len(x[0])
         history.append(total / len(train))
-        score = float(F.cosine_similarity(_outputs(s_mod, data, held), held_targets, dim=1).mean()) if held_targets is not None else -history[-1]
+        score = _cosine(held_targets, s_mod, data, held) if held_targets is not None else -history[-1]
         logger.info(f"  recover epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]:.5f}, held-out cosine "
                     f"{score if held_targets is not None else float('nan'):.4f} ({time.perf_counter() - start:.1f}s)")
         if score > best:
