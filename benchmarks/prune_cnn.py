@@ -33,7 +33,7 @@ def recipe(folder: Path, arch: str, size: int, sparsity: float, epochs: int, lr:
         "model": {"torch": f"{models}:{arch}"},
         "inputs": [{"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32"}],
         "data": {"calibration": f"{models}:{'training' if epochs else 'calibration'}", "eval": f"{models}:evaluation"},
-        "accuracy": {"metric": "cosine", "min_value": 0.0},
+        "accuracy": {"metric": "cosine", "min_value": 0.0, "outputs_min_cosine": -1.0},  # measure, do not gate
         "targets": {"cpu": {"passes": [{"name": "cleanup"}, prune, {"name": "optimize.ort", "level": "basic"}]}},
     }
     path = folder / f"{arch}.yaml"
