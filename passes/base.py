@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
+import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -77,9 +80,10 @@ class EdgepipePass(ir.passes.FunctionalPass):
 
     def __init__(self, config: PassConfig | None = None, context: PassContext | None = None) -> None:
         self.config = config if config is not None else self.Config()
-        if context is None:  # used on its own (API, tests): a scratch folder removed with the pass (or at exit)
-            self._scratch = tempfile.TemporaryDirectory(prefix="edgepipe-")
-            context = PassContext(workdir=Path(self._scratch.name))
+        if context is None:  # used on its own (API, tests): a scratch folder made on first use, removed with the pass
+            workdir = Path(tempfile.gettempdir()) / f"edgepipe-{uuid.uuid4().hex[:12]}"
+            weakref.finalize(self, shutil.rmtree, workdir, ignore_errors=True)
+            context = PassContext(workdir=workdir)
         self.context = context
 
     def require_calibration(self) -> Callable[[], Iterable[Batch]]:
