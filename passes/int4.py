@@ -24,6 +24,7 @@ class Int4Config(PassConfig):
     bits: Literal[4, 8] = 4  # 8: int8 weight-only (MatMulNBits bits=8)
     mixed: bool = True  # text-generation: keep the most sensitive blocks at int8 when the budget fails
     max_int8_groups: int = Field(4, ge=0)  # text-generation: at most this many blocks at int8 (each adds ~6 % size)
+    search_scales: bool = True  # text-generation: int4 block scales searched on calibration activations (False: round-to-nearest)
 
     @field_validator("block_size")
     @classmethod

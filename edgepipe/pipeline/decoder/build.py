@@ -27,6 +27,7 @@ from edgepipe.pipeline.decoder.metrics import TeacherForced, agreement, greedy, 
 from edgepipe.pipeline.decoder.precision import choose
 from edgepipe.pipeline.decoder.quantize import Quantized, summary
 from edgepipe.pipeline.decoder.runtime import CHECK_THREADS, OrtDecoder, TorchDecoder
+from edgepipe.pipeline.decoder.scales import input_importance
 from edgepipe.pipeline.decoder.source import CausalLM, load_causal_lm, locate, save_tokenizer
 from edgepipe.pipeline.manifest import versions as _versions
 from edgepipe.pipeline.selection import check_writable, select_targets
@@ -211,7 +212,12 @@ def _build_cpu(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, expor
         model, plan, steps, ranked = float_model, {}, [], []
     else:
         bits = (config.bits, 8) if config.mixed and config.bits == 4 else (config.bits,)
-        q = Quantized.prepare(float_model, config, bits=bits)
+        importance = None
+        if config.bits == 4 and config.symmetric and config.search_scales:
+            importance = input_importance(exported.path, texts.calibration)
+        q = Quantized.prepare(float_model, config, bits=bits, importance=importance)
+        if q.searched:
+            logger.info(f"        int4 scales of {q.searched} MatMuls searched on {len(texts.calibration)} calibration texts' activations")
         del float_model
         if config.bits == 8 or not config.mixed:
             model, plan, steps, ranked = q.build({}, default=config.bits), {}, [], []
@@ -219,12 +225,14 @@ def _build_cpu(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, expor
             max_groups = config.max_int8_groups
             choice = choose(q, texts.eval, [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]], _accept(spec, ref), max_groups)
             model, plan, steps, ranked = choice.model, choice.plan, choice.steps, choice.sensitivity
+        searched = q.searched
         del q  # the 4- and 8-bit models: only the chosen one goes on
         counts = summary(model)
         logger.info(f"  pass  quantize.int4  MatMulNBits int4×{counts['int4']} int8×{counts['int8']}, tied embedding {bool(counts['tied_embedding'])}"
             f"  ({time.perf_counter() - start:.1f}s)")
         passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True,
                        "stats": {**counts, "int8_groups": sorted(plan), "steps": steps, "sensitivity": ranked,
+                                 "searched_scales": searched,
                                  "kept_float": sorted(plan),
                                  "summary": f"{len(plan)} group(s) kept at int8 by measured sensitivity" if plan else "all int4"}})
     try:
