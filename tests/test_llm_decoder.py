@@ -213,3 +213,24 @@ def test_mixed_precision_keeps_the_fewest_int8_blocks_that_meet_the_budget(llama
     assert not choice.steps[0]["passed"] and choice.steps[-1]["passed"]
     assert 1 <= len(choice.plan) <= 2 and summary(choice.model)["int8"] == 5 * len(choice.plan)
     assert [r["node"] for r in choice.sensitivity] and "lm_head" not in choice.plan  # the tied head stays int4
+
+
+def test_larger_int4_blocks_ship_only_when_they_meet_the_budget(llama, tmp_path):
+    from edgepipe.pipeline.decoder.precision import choose_blocks
+
+    build_graph(_model(llama), tmp_path / "model.onnx")
+
+    def prepare(size: int, bits: tuple[int, ...]) -> Quantized:
+        return Quantized.prepare(onnx.load(str(tmp_path / "model.onnx")), Int4Config(block_size=size), bits=bits)
+
+    def blocks(model: onnx.ModelProto) -> set[int]:
+        return {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+
+    seqs = [np.random.default_rng(i).integers(3, 300, 30) for i in range(2)]
+    first = choose_blocks(prepare, [64, 16], seqs, seqs, lambda tf: True, max_groups=0)
+    assert first.block_size == 64 and blocks(first.model) == {64} and len(first.steps) == 1
+    assert summary(first.model)["tied_embedding"] == 1
+    limit = first.steps[0]["metric"] - 1e-6  # block 64 now breaks the budget: block 16 ships, the attempt recorded
+    second = choose_blocks(prepare, [64, 16], seqs, seqs, lambda tf: tf.perplexity <= limit, max_groups=0)
+    assert second.block_size == 16 and blocks(second.model) == {16}
+    assert [(s["block_size"], s["passed"]) for s in second.steps][0] == (64, False) and second.steps[-1]["block_size"] == 16

@@ -123,11 +123,11 @@ def tie_embedding(model: onnx.ModelProto) -> bool:
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     if attrs["bits"] != 4:
         return False
+    vocab, hidden, block = attrs["N"], attrs["K"], attrs["block_size"]
+    if hidden % block:  # a padded last block: GatherBlockQuantized reads whole blocks
+        return False
     table = numpy_helper.to_array(inits[gather.input[0]])
     if table.shape != (attrs["N"], attrs["K"]) or not _is_tied(model, head, table):
-        return False
-    vocab, hidden, block = attrs["N"], attrs["K"], attrs["block_size"]
-    if hidden % block:
         return False
     shape = numpy_helper.from_array(np.array([vocab, hidden * 4 // 8], np.int64), "/embed/tied_shape")
     reshape = helper.make_node("Reshape", [head.input[1], shape.name], ["/embed/tied_weight"], name="/embed/Reshape")
