@@ -164,7 +164,7 @@ def _quant_config(recipe: Recipe, target: str) -> Int4Config | None:
         return None
     if names != ["quantize.int4"]:
         raise BadInput(f"targets.{target}.passes: task text-generation takes [] (float) or [{{name: quantize.int4, ...}}] "
-                       f"(block_size, symmetric, accuracy_level, bits, mixed); got {names}")
+                       f"(block_size, try_block_sizes, search_scales, symmetric, accuracy_level, bits, mixed); got {names}")
     return Int4Config(**{k: v for k, v in spec.passes[0].items() if k != "name"})
 
 
