@@ -24,13 +24,22 @@ class Int4Config(PassConfig):
     bits: Literal[4, 8] = 4  # 8: int8 weight-only (MatMulNBits bits=8)
     mixed: bool = True  # text-generation: keep the most sensitive blocks at int8 when the budget fails
     max_int8_groups: int = Field(4, ge=0)  # text-generation: at most this many blocks at int8 (each adds ~6 % size)
+    # text-generation: every block int4 at these larger block sizes is tried first, in order (fewer scale bytes read
+    # per decode step); the first that meets the budget ships, else block_size with int8 blocks where needed
+    try_block_sizes: list[int] = []
+    search_scales: bool = True  # text-generation: int4 block scales searched on calibration activations (False: round-to-nearest)
 
     @field_validator("block_size")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
+        if v < 16 or v & (v - 1):
             raise ValueError(f"block_size must be a power of two (16, 32, 64, 128, 256), got {v}")
         return v
+
+    @field_validator("try_block_sizes")
+    @classmethod
+    def _powers_of_two(cls, v: list[int]) -> list[int]:
+        return [cls._power_of_two(size) for size in v]
 
 
 class QuantizeInt4(EdgepipePass):

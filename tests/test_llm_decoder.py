@@ -82,6 +82,50 @@ def test_mixed_precision_and_tied_embedding(llama, tmp_path):
     assert err8 < err4 / 4  # int8 everywhere is much closer to float than int4
 
 
+def test_searched_int4_scales_cut_the_error_where_activations_are_large(tmp_path):
+    """One MatMul whose input has a few loud channels (as LLM activations do): the searched scales' output error
+    is well below round-to-nearest's, in ORT's own MatMulNBits layout."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = 128, 96
+    w = rng.normal(0, 0.05, (k, n)).astype(np.float32)
+    x = rng.normal(0, 1, (256, k)).astype(np.float32) * np.where(rng.random(k) < 0.1, 20.0, 1.0).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/layers.0/mlp/down_proj/MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["t", n])], [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    importance = {"x": np.square(x).mean(0)}
+    errors = []
+    for imp in (None, importance):
+        q = Quantized.prepare(onnx.ModelProto.FromString(proto.SerializeToString()), Int4Config(), bits=(4,), importance=imp)
+        assert q.searched == (1 if imp else 0) and summary(q.by_bits[4])["int4"] == 1
+        y = ort.InferenceSession(q.by_bits[4].SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        errors.append(float(np.square(y - x @ w).mean()))
+    assert errors[1] < 0.7 * errors[0], errors
+
+
+def test_searched_scales_in_the_decoder_keep_its_layout(llama, tmp_path):
+    from edgepipe.pipeline.decoder.scales import input_importance
+
+    model = _model(llama)
+    build_graph(model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    importance = input_importance(tmp_path / "model.onnx", [rng.integers(3, 300, 40) for _ in range(4)])
+    assert len(importance) == 9 and all(v.shape in ((64,), (128,)) and (v > 0).all() for v in importance.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # the probe graph is gone
+    searched = Quantized.prepare(onnx.load(str(tmp_path / "model.onnx")), Int4Config(), importance=importance)
+    assert searched.searched == 11
+    all4 = searched.build({"layer.1": 8})
+    assert summary(all4) == {"int4": 6, "int8": 5, "float": 0, "tied_embedding": 1}  # the searched head still ties
+    ids = rng.integers(3, 300, 40)
+    ref = TorchDecoder(model).logits(ids)
+    got = OrtDecoder(all4.SerializeToString()).logits(ids)
+    cosine = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cosine.mean() > 0.8  # int4 of random weights at hidden 64 is rough (~0.87); garbled weights are ~0
+
+
 def test_build_writes_a_checked_genai_ready_artifact(built):
     manifest = json.loads((built / "manifest.json").read_text())
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "golden.npz"):
@@ -91,7 +135,7 @@ def test_build_writes_a_checked_genai_ready_artifact(built):
     assert gen["greedy"]["prompts"] == 3 and len(gen["greedy"]["matched"]) == 3
     assert manifest["accuracy"]["metric"] == "perplexity" and manifest["accuracy"]["passed"]
     assert manifest["source"]["export_check"]["passed"] and manifest["source"]["export"] == "fused"
-    assert manifest["passes"][0]["stats"]["int4"] > 0
+    assert manifest["passes"][0]["stats"]["int4"] > 0 and manifest["passes"][0]["stats"]["searched_scales"] == 11
     assert manifest["latency"]["decode_tokens_per_s"] > 0 and manifest["latency"]["prefill_ms"] > 0
     report = (built.parent / "report.html").read_text()
     assert f"{gen['perplexity']['artifact']:.3f}" in report and f"{gen['next_token']['top1']:.4f}" in report
@@ -169,3 +213,24 @@ def test_mixed_precision_keeps_the_fewest_int8_blocks_that_meet_the_budget(llama
     assert not choice.steps[0]["passed"] and choice.steps[-1]["passed"]
     assert 1 <= len(choice.plan) <= 2 and summary(choice.model)["int8"] == 5 * len(choice.plan)
     assert [r["node"] for r in choice.sensitivity] and "lm_head" not in choice.plan  # the tied head stays int4
+
+
+def test_larger_int4_blocks_ship_only_when_they_meet_the_budget(llama, tmp_path):
+    from edgepipe.pipeline.decoder.precision import choose_blocks
+
+    build_graph(_model(llama), tmp_path / "model.onnx")
+
+    def prepare(size: int, bits: tuple[int, ...]) -> Quantized:
+        return Quantized.prepare(onnx.load(str(tmp_path / "model.onnx")), Int4Config(block_size=size), bits=bits)
+
+    def blocks(model: onnx.ModelProto) -> set[int]:
+        return {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+
+    seqs = [np.random.default_rng(i).integers(3, 300, 30) for i in range(2)]
+    first = choose_blocks(prepare, [64, 16], seqs, seqs, lambda tf: True, max_groups=0)
+    assert first.block_size == 64 and blocks(first.model) == {64} and len(first.steps) == 1
+    assert summary(first.model)["tied_embedding"] == 1
+    limit = first.steps[0]["metric"] - 1e-6  # block 64 now breaks the budget: block 16 ships, the attempt recorded
+    second = choose_blocks(prepare, [64, 16], seqs, seqs, lambda tf: tf.perplexity <= limit, max_groups=0)
+    assert second.block_size == 16 and blocks(second.model) == {16}
+    assert [(s["block_size"], s["passed"]) for s in second.steps][0] == (64, False) and second.steps[-1]["block_size"] == 16

@@ -24,9 +24,10 @@ from edgepipe.pipeline.decoder.bench import bench_decoder
 from edgepipe.pipeline.decoder.export import Exported, export_decoder
 from edgepipe.pipeline.decoder.genai import genai_config, write_genai_config
 from edgepipe.pipeline.decoder.metrics import TeacherForced, agreement, greedy, matched
-from edgepipe.pipeline.decoder.precision import choose
+from edgepipe.pipeline.decoder.precision import choose_blocks
 from edgepipe.pipeline.decoder.quantize import Quantized, summary
 from edgepipe.pipeline.decoder.runtime import CHECK_THREADS, OrtDecoder, TorchDecoder
+from edgepipe.pipeline.decoder.scales import input_importance
 from edgepipe.pipeline.decoder.source import CausalLM, load_causal_lm, locate, save_tokenizer
 from edgepipe.pipeline.manifest import versions as _versions
 from edgepipe.pipeline.selection import check_writable, select_targets
@@ -163,7 +164,7 @@ def _quant_config(recipe: Recipe, target: str) -> Int4Config | None:
         return None
     if names != ["quantize.int4"]:
         raise BadInput(f"targets.{target}.passes: task text-generation takes [] (float) or [{{name: quantize.int4, ...}}] "
-                       f"(block_size, symmetric, accuracy_level, bits, mixed); got {names}")
+                       f"(block_size, try_block_sizes, search_scales, symmetric, accuracy_level, bits, mixed); got {names}")
     return Int4Config(**{k: v for k, v in spec.passes[0].items() if k != "name"})
 
 
@@ -204,27 +205,36 @@ def _build_cpu(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, expor
                final: Path, force: bool) -> TargetResult:
     config = _quant_config(recipe, final.name)
     spec = budget_of(recipe, final.name)
-    float_model = onnx.load(str(exported.path))
     passes = []
     start = time.perf_counter()
+    block_size = None
     if config is None:
-        model, plan, steps, ranked = float_model, {}, [], []
+        model, plan, steps, ranked, searched = onnx.load(str(exported.path)), {}, [], [], 0
     else:
-        bits = (config.bits, 8) if config.mixed and config.bits == 4 else (config.bits,)
-        q = Quantized.prepare(float_model, config, bits=bits)
-        del float_model
-        if config.bits == 8 or not config.mixed:
-            model, plan, steps, ranked = q.build({}, default=config.bits), {}, [], []
+        importance = None
+        if config.bits == 4 and config.symmetric and config.search_scales:
+            importance = input_importance(exported.path, texts.calibration)
+            logger.info(f"        int4 block scales searched on {len(texts.calibration)} calibration texts' activations")
+        if config.bits == 8:
+            q = Quantized.prepare(onnx.load(str(exported.path)), config, bits=(8,))
+            model, plan, steps, ranked, searched = q.build({}, default=8), {}, [], [], 0
+            del q
         else:
-            max_groups = config.max_int8_groups
-            choice = choose(q, texts.eval, [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]], _accept(spec, ref), max_groups)
+            def prepare(size: int, bits: tuple[int, ...]) -> Quantized:
+                return Quantized.prepare(onnx.load(str(exported.path)), config.model_copy(update={"block_size": size}),
+                                         bits=bits, importance=importance)
+
+            calibration = [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]]
+            choice = choose_blocks(prepare, [*config.try_block_sizes, config.block_size], texts.eval, calibration,
+                                   _accept(spec, ref), config.max_int8_groups if config.mixed else 0)
             model, plan, steps, ranked = choice.model, choice.plan, choice.steps, choice.sensitivity
-        del q  # the 4- and 8-bit models: only the chosen one goes on
+            searched, block_size = choice.searched, choice.block_size
         counts = summary(model)
         logger.info(f"  pass  quantize.int4  MatMulNBits int4×{counts['int4']} int8×{counts['int8']}, tied embedding {bool(counts['tied_embedding'])}"
             f"  ({time.perf_counter() - start:.1f}s)")
         passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True,
                        "stats": {**counts, "int8_groups": sorted(plan), "steps": steps, "sensitivity": ranked,
+                                 "searched_scales": searched, "block_size": block_size or config.block_size,
                                  "kept_float": sorted(plan),
                                  "summary": f"{len(plan)} group(s) kept at int8 by measured sensitivity" if plan else "all int4"}})
     try:

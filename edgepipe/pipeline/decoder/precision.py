@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,6 +29,8 @@ class Choice:
     plan: dict[str, int]
     steps: list[dict]
     sensitivity: list[dict]
+    block_size: int | None = None
+    searched: int = 0  # int4 MatMuls with searched scales
 
 
 def perplexity_of(model: onnx.ModelProto, sequences: Sequence[np.ndarray]) -> TeacherForced:
@@ -81,3 +84,29 @@ def choose(q: Quantized, eval_seqs: Sequence[np.ndarray], calibration: Sequence[
         if ok:
             break
     return best
+
+
+def choose_blocks(prepare: Callable[[int, tuple[int, ...]], Quantized], block_sizes: Sequence[int], eval_seqs: Sequence[np.ndarray],
+                  calibration: Sequence[np.ndarray], accept: Callable[[TeacherForced], bool], max_groups: int) -> Choice:
+    """Every block int4 at each of ``block_sizes[:-1]`` in turn (larger blocks: fewer scale bytes per decode step)
+    until one meets ``accept``; else the last size, with the fewest int8 groups that do (``choose``).
+
+    ``prepare(size, bits)``: the float model quantized at that block size, at each of ``bits``.
+    """
+    tried: list[dict[str, Any]] = []
+    for size in block_sizes[:-1]:
+        q = prepare(size, (4,))
+        model = q.build({})
+        tf = perplexity_of(model, eval_seqs)
+        ok = accept(tf)
+        tried.append({"block_size": size, "kept_float": 0, "int8_groups": [], "metric": tf.perplexity, "passed": ok})
+        logger.info(f"        all int4, block {size}: perplexity {tf.perplexity:.3f} {'meets' if ok else 'breaks'} the budget")
+        if ok:
+            return Choice(model, {}, tried, [], size, q.searched)
+        del q, model
+    size = block_sizes[-1]
+    q = prepare(size, (4, 8) if max_groups else (4,))
+    choice = choose(q, eval_seqs, calibration, accept, max_groups)
+    choice.steps = tried + [{"block_size": size} | step for step in choice.steps]
+    choice.block_size, choice.searched = size, q.searched
+    return choice
