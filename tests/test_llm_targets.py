@@ -14,6 +14,7 @@ from llm_util import recipe, tiny_lm
 from edgepipe.cli import main
 from edgepipe.pipeline.decoder.replay import load_prompts, replay
 from edgepipe.pipeline.decoder.runtime import OrtDecoder
+from edgepipe.targets.ortgraph import load_ort
 
 F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
 
@@ -81,6 +82,9 @@ def test_mobile_ships_a_batch_1_ort_file_with_its_operator_list(built):
     assert config["model"]["decoder"]["filename"] == "model.ort" and config["search"]["max_length"] <= 2048
     manifest = json.loads((mobile / "manifest.json").read_text())
     assert manifest["model_file"] == "model.ort" and manifest["passes"][-1]["name"] == "shapes.fix"
+    graph = load_ort(mobile / "model.ort").graph  # the tied embedding reads the LM head's int4 weight, not a copy of it
+    lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert lookup.input[0] not in {i.name for i in graph.initializer}
 
 
 @pytest.mark.parametrize("target, golden", [("gpu", "golden.int4.npz"), ("mobile", "golden.npz")])

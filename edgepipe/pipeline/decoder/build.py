@@ -24,6 +24,7 @@ from edgepipe.passes.int4 import Int4Config
 from edgepipe.pipeline.decoder.bench import bench_decoder
 from edgepipe.pipeline.decoder.export import Exported, export_decoder
 from edgepipe.pipeline.decoder.forms import (
+    FP16_SPEED_NOTE,
     Form,
     Layout,
     fix_batch,
@@ -160,10 +161,10 @@ def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool
         lm.release()  # the float weights are no longer needed: the peak RSS is the quantization's
         gc.collect()
         tokenizer_files = save_tokenizer(lm, work / "tokenizer")
-        results = []
+        results, chosen = [], {}
         for name in targets:
             logger.info(f"target  {name}")
-            results.append(_build_target(recipe, lm, texts, ref, exported, tokenizer_files, root / name, force))
+            results.append(_build_target(recipe, lm, texts, ref, exported, tokenizer_files, root / name, force, chosen))
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -218,7 +219,8 @@ def _accept(spec: AccuracySpec, ref: Reference) -> Callable[[TeacherForced], boo
 
 
 def _build_target(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, exported: Exported, tokenizer_files: list[Path],
-                  final: Path, force: bool) -> TargetResult:
+                  final: Path, force: bool, chosen: dict) -> TargetResult:
+    """``chosen``: quantized models by (options, fp16, budget), shared by the targets of one build (cpu and mobile)."""
     config = _quant_config(recipe, final.name)
     spec = budget_of(recipe, final.name)
     lay = layout(final.name, config is not None)  # the forms this target ships (forms.py)
@@ -226,7 +228,7 @@ def _build_target(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, ex
         with staging(final, force) as tmp:
             entries = []
             for form in lay.forms:
-                model, passes = _prepare(form, exported, config, spec, texts, ref)
+                model, passes = _prepare(form, exported, config, spec, texts, ref, chosen)
                 entries.append(_emit_and_check(lay, form, lm, texts, ref, exported, model, passes, spec, tmp))
                 del model
                 gc.collect()
@@ -237,22 +239,33 @@ def _build_target(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, ex
 
 
 def _prepare(form: Form, exported: Exported, config: Int4Config | None, spec: AccuracySpec, texts: Texts,
-             ref: Reference) -> tuple[onnx.ModelProto, list[dict]]:
+             ref: Reference, chosen: dict) -> tuple[onnx.ModelProto, list[dict]]:
     """The exported float graph in ``form``: fp16 (before quantizing: fp16 scales), int4/int8, a fixed batch."""
-    model = onnx.load(str(exported.path))
     passes = []
     if form.fp16:
-        model = to_fp16(model)
         passes.append({"name": "fp16", "params": {"keep_io_types": False}, "modified": True,
                        "stats": {"summary": "fp16 weights, activations, KV cache and logits (onnxruntime.transformers.float16)"}})
     if form.quantized and config is not None:
-        model, stats = _quantize(model, config, spec, texts, ref)
-        passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True, "stats": stats})
+        key = (config.model_dump_json(), form.fp16, spec.model_dump_json())
+        if key not in chosen:  # the same options and budget on the same graph choose the same model: measured once
+            chosen[key] = _quantize(_float(exported, form), config, spec, texts, ref)
+        else:
+            logger.info("  pass  quantize.int4  the same options and budget as an earlier target: its model")
+        model = onnx.ModelProto()
+        model.CopyFrom(chosen[key][0])
+        passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True, "stats": chosen[key][1]})
+    else:
+        model = _float(exported, form)
     if form.batch:
         fix_batch(model, form.batch)
         passes.append({"name": "shapes.fix", "params": {"batch_size": form.batch}, "modified": True,
                        "stats": {"summary": f"batch fixed to {form.batch}; sequence and past lengths stay dynamic"}})
     return model, passes
+
+
+def _float(exported: Exported, form: Form) -> onnx.ModelProto:
+    model = onnx.load(str(exported.path))
+    return to_fp16(model) if form.fp16 else model
 
 
 def _quantize(float_model: onnx.ModelProto, config: Int4Config, spec: AccuracySpec, texts: Texts,
@@ -327,6 +340,8 @@ def _emit_and_check(lay: Layout, form: Form, lm: CausalLM, texts: Texts, ref: Re
     save_npz(tmp / form.golden_file, golden)
     speed = bench_decoder(OrtDecoder(path, providers=providers), texts.eval[0])  # speed on the runtime's default threads
     logger.info(f"  bench prefill {speed['prefill_tokens']} tokens {speed['prefill_ms']:.1f} ms, decode {speed['decode_tokens_per_s']:.1f} tokens/s")
+    if form.fp16 and dec.session.get_providers()[0] == "CPUExecutionProvider":
+        speed["note"] = FP16_SPEED_NOTE
     size = sum(p.stat().st_size for p in tmp.glob(form.model_file + "*"))
     fp32 = sum(p.stat().st_size for p in exported.path.parent.glob("model.onnx*"))
     io = next(i for i in dec.session.get_inputs() if i.name.startswith("past_key_values"))
