@@ -1,11 +1,14 @@
 """edgepipe's decoder gpu folder vs onnxruntime-genai's builder `-e cuda` output, structure side by side.
 
 Usage: .venv/bin/python benchmarks/llm_gpu_form.py --edgepipe OUT/smollm2-135m/gpu [--hf HF_FOLDER] [--work DIR]
+       [--texts N --prompts P]
 
 Builds the builder's `-p fp16 -e cuda` and `-p int4 -e cuda` folders from the same weights (the HF folder that
 benchmarks/llm_vs_genai.py dequantizes from the GGUF; its venv, since the builder needs transformers 5.x) and
 prints, per form, what each graph is made of: op histogram, I/O dtypes, initializer dtypes, MatMulNBits
-attributes and scale dtype, genai_config's provider options and KV buffer sharing. Nothing here runs CUDA.
+attributes and scale dtype, genai_config's provider options and KV buffer sharing. With --texts, also both int4
+models' accuracy vs PyTorch on models/smollm2/test.txt (perplexity, top-1, greedy match on P prompts), run on ORT's
+CPU provider (llm_vs_genai.accuracy). Nothing here runs CUDA.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llm_vs_genai import CACHE, genai_python, hf_folder, run  # noqa: E402
+from llm_vs_genai import CACHE, DATA, TorchLM, accuracy, genai_python, hf_folder, lines, run  # noqa: E402
 
 logger = logging.getLogger("llm_gpu_form")
 IO = ("input_ids", "attention_mask", "past_key_values.0.key", "logits", "present.0.key")
@@ -57,10 +60,13 @@ def main() -> None:
     parser.add_argument("--edgepipe", required=True, help="an edgepipe decoder gpu folder")
     parser.add_argument("--hf", help="the float HF folder (default: the one llm_vs_genai.py caches)")
     parser.add_argument("--work", help="where the builder writes (default: a temporary folder)")
+    parser.add_argument("--texts", type=int, default=0, help="test.txt paragraphs to score both int4 models on (0: none)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts.txt prompts for greedy match (with --texts)")
     args = parser.parse_args()
     ours = Path(args.edgepipe)
     hf = Path(args.hf) if args.hf else hf_folder(CACHE / "smollm2" / "hf")
     work = Path(args.work or tempfile.mkdtemp(prefix="llm-gpu-form-"))
+    work.mkdir(parents=True, exist_ok=True)
     python = genai_python()
     rows = {}
     for precision, mine in (("fp16", "model.onnx"), ("int4", "model.int4.onnx")):
@@ -72,7 +78,24 @@ def main() -> None:
         rows[precision] = {"builder": describe(out / "model.onnx"), "edgepipe": describe(ours / mine)}
         rows[precision]["builder"]["genai"] = genai(out)
     rows["edgepipe genai_config"] = genai(ours)
+    if args.texts:
+        rows["int4 accuracy on ORT CPU"] = int4_accuracy(hf, {"builder -p int4 -e cuda": work / "builder-cuda-int4" / "model.onnx",
+                                                               "edgepipe gpu int4": ours / "model.int4.onnx"}, args.texts, args.prompts)
     print(json.dumps(rows, indent=1))
+
+
+def int4_accuracy(hf: Path, models: dict[str, Path], texts: int, prompts: int) -> dict:
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from edgepipe.pipeline.decoder.ortlm import OrtCausalLM
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    encode = lambda s: np.asarray(tok(s, add_special_tokens=False).input_ids, dtype=np.int64)  # noqa: E731
+    sessions = {name: OrtCausalLM(path, threads=2) for name, path in models.items()}
+    acc = accuracy(TorchLM(hf, 2), sessions, [encode(s) for s in lines(DATA / "test.txt")][:texts],
+                   [encode(s) for s in lines(DATA / "prompts.txt")][:prompts], 32)
+    return {name: {k: v for k, v in row.items() if k != "greedy"} for name, row in acc.items()}
 
 
 if __name__ == "__main__":

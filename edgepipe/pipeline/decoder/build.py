@@ -347,7 +347,7 @@ def _emit_and_check(lay: Layout, form: Form, lm: CausalLM, texts: Texts, ref: Re
     io = next(i for i in dec.session.get_inputs() if i.name.startswith("past_key_values"))
     return {
         "model_file": form.model_file, "form": form.key, "status": "passed" if acc["passed"] else "failed",
-        "precision": {"activations": "float16" if form.fp16 else "float32", "kv_cache": io.type[7:-1],
+        "precision": {"activations": "float16" if form.fp16 else "float32", "kv_cache": {"float": "float32"}.get(io.type[7:-1], io.type[7:-1]),
                       "weights": "int4" if form.quantized else ("float16" if form.fp16 else "float32"), "batch": form.batch or "dynamic"},
         "runtime": {"name": "onnxruntime", "version": _versions()["onnxruntime"], "providers": dec.session.get_providers(),
                     "requested_providers": lay.providers, "session_config": {},
