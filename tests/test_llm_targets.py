@@ -43,6 +43,9 @@ def test_gpu_ships_the_cuda_form_fp16_and_int4(built):
     assert _io_type(fp16, "logits") == F16 and _io_type(fp16, "past_key_values.0.key") == F16 and _io_type(fp16, "input_ids") != F16
     assert not [i.name for i in fp16.initializer if i.data_type == F32]  # every float weight is fp16
     assert sum(n.op_type == "GroupQueryAttention" for n in fp16.node) == 2
+    embed = next(n for n in fp16.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    table = next(i for i in fp16.initializer if i.name == embed.input[0])
+    assert [sorted(i.dims) for i in fp16.initializer].count(sorted(table.dims)) == 1  # the tied LM head: one copy
     int4 = _graph(gpu / "model.int4.onnx")
     inits = {i.name: i for i in int4.initializer}
     nbits = [n for n in int4.node if n.op_type == "MatMulNBits"]

@@ -31,6 +31,7 @@ from edgepipe.pipeline.decoder.forms import (
     genai_settings,
     layout,
     precision_on_cpu,
+    share_head,
     to_fp16,
     write_ort,
 )
@@ -256,6 +257,8 @@ def _prepare(form: Form, exported: Exported, config: Int4Config | None, spec: Ac
         passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True, "stats": chosen[key][1]})
     else:
         model = _float(exported, form)
+        if form.fp16 and share_head(model):
+            passes[-1]["stats"]["tied_head"] = "the LM head reads the embedding table through a Transpose (one copy)"
     if form.batch:
         fix_batch(model, form.batch)
         passes.append({"name": "shapes.fix", "params": {"batch_size": form.batch}, "modified": True,
