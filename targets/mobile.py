@@ -38,8 +38,10 @@ def _no_aslr() -> None:  # pragma: no cover - runs in the child between fork and
         pass
 
 
-def convert_to_ort(src: Path, out: Path) -> None:
+def convert_to_ort(src: Path, out: Path, level: str = "all") -> None:
     """onnxruntime's own converter (Fixed style), in a child process with address randomization off.
+
+    ``level``: the optimizations baked in (ORT's ``all`` by default; a decoder, already fused, takes ``disable``).
 
     ORT's flatbuffer writer orders some tables by pointer, so the same model converts to different
     bytes in every process (seen: 3 runs, 3 hashes); with ASLR off the bytes repeat, which keeps
@@ -51,8 +53,14 @@ def convert_to_ort(src: Path, out: Path) -> None:
            os.path.relpath(out, src.parent), "--optimization_style", "Fixed", "--target_platform", PLATFORM]
     # A fixed environment too: the writer's output changed with the size of the caller's environment.
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+    if level != "all":
+        env["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = level
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=src.parent, env=env,
                           preexec_fn=_no_aslr if os.name == "posix" else None)
+    suffix = "" if level == "all" else f".{level}"  # the converter names other levels' files model.<level>.ort
+    if proc.returncode == 0 and suffix and (out / f"model{suffix}.ort").is_file():
+        (out / f"model{suffix}.ort").rename(out / "model.ort")
+        (out / f"model.{OPS_CONFIG.replace('.config', suffix + '.config')}").rename(out / f"model.{OPS_CONFIG}")
     if proc.returncode != 0 or not (out / "model.ort").is_file():
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
         raise BadInput(one_line(f"mobile: onnxruntime could not convert the model to ORT format: {lines[-1] if lines else proc.returncode}"))

@@ -44,7 +44,8 @@ def test_missing_tokenizer(tmp_path, capsys):
     ("{gguf: m.gguf, task: feature-extraction}", ""),             # a GGUF is a causal LM
     ("{ggfu: m.gguf, task: text-generation}", ""),                # typo: did-you-mean
     ("{hf: lm, task: text-generation}", "accuracy: {metric: top5, max_drop: 0.1}\n"),  # not a generation metric
-    ("{hf: lm, task: text-generation}", "targets: [cpu, mobile]\n"),  # not built for decoders yet
+    ("{hf: lm, task: text-generation}", "targets: {mobile: {shapes: {input_ids: [1, 16]}}}\n"),  # mobile fixes batch 1 itself
+    ("{hf: lm, task: text-generation}", "targets: {gpu: {passes: [{name: fp16}]}}\n"),  # the gpu forms are fixed
     ("{hf: lm, task: text-generation}", "targets: {cpu: {passes: [{name: quantize.static}]}}\n"),
     ("{hf: lm, task: text-generation}", "NO_PROMPTS"),  # greedy generation needs prompts
     ("{hf: lm, gguf: missing.gguf}", ""),                          # a GGUF file named inside the folder

@@ -15,13 +15,26 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from edgepipe.core.artifact import GOLDEN, remove_stale, save_npz, staging, write_manifest
+from edgepipe.core.artifact import remove_stale, save_npz, staging, write_manifest
 from edgepipe.core.errors import BadInput
 from edgepipe.core.result import FAILED, PASSED, TargetResult
 from edgepipe.passes.int4 import Int4Config
 from edgepipe.pipeline.decoder.bench import bench_decoder
 from edgepipe.pipeline.decoder.export import Exported, export_decoder
+from edgepipe.pipeline.decoder.forms import (
+    FP16_SPEED_NOTE,
+    Form,
+    Layout,
+    fix_batch,
+    genai_settings,
+    layout,
+    precision_on_cpu,
+    share_head,
+    to_fp16,
+    write_ort,
+)
 from edgepipe.pipeline.decoder.genai import genai_config, write_genai_config
 from edgepipe.pipeline.decoder.metrics import TeacherForced, agreement, greedy, matched
 from edgepipe.pipeline.decoder.precision import choose_blocks
@@ -38,8 +51,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = AccuracySpec(metric="perplexity", percent_max_drop=10.0)
 DEFAULT_MAX_LENGTH = 128
 SENSITIVITY_SEQUENCES, SENSITIVITY_TOKENS = 2, 64  # ranking reads a little text: one model per block
-TARGETS = ("cpu",)
-DESCRIPTION = "ONNX Runtime CPU: fused decoder (GroupQueryAttention), weight-only int4 with int8 where measured necessary"
+TARGETS = ("cpu", "gpu", "mobile")
+UNUSED_OPTIONS = ("int8_passes", "shapes", "runtime")  # encoder target options a decoder target has no use for
 
 
 def is_decoder(recipe: Recipe) -> bool:
@@ -107,8 +120,13 @@ def preflight(recipe: Recipe, out: Path, only: list[str] | None, force: bool) ->
     targets = select_targets(recipe, only)
     unsupported = [t for t in targets if t not in TARGETS]
     if unsupported:
-        raise BadInput(f"target {unsupported[0]} is not built for task text-generation yet (only {', '.join(TARGETS)}); "
+        raise BadInput(f"target {unsupported[0]} is not built for task text-generation (only {', '.join(TARGETS)}); "
                        f"remove it from the recipe's targets or pass --target cpu")
+    for t in targets:
+        unused = [k for k in UNUSED_OPTIONS if getattr(recipe.targets[t], k) is not None]
+        if unused:
+            raise BadInput(f"targets.{t}.{unused[0]} does not apply to task text-generation (a decoder target takes passes and "
+                           f"accuracy; mobile fixes batch 1 itself); remove it")
     root = out / recipe.name
     for t in targets:
         if (root / t).exists() and not force:
@@ -145,10 +163,10 @@ def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool
         lm.release()  # the float weights are no longer needed: the peak RSS is the quantization's
         gc.collect()
         tokenizer_files = save_tokenizer(lm, work / "tokenizer")
-        results = []
+        results, chosen = [], {}
         for name in targets:
             logger.info(f"target  {name}")
-            results.append(_build_cpu(recipe, lm, texts, ref, exported, tokenizer_files, root / name, force))
+            results.append(_build_target(recipe, lm, texts, ref, exported, tokenizer_files, root / name, force, chosen))
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -157,15 +175,16 @@ def build_decoder(recipe: Recipe, out: Path, only: list[str] | None, force: bool
 def _quant_config(recipe: Recipe, target: str) -> Int4Config | None:
     """The target's weight-only quantization (``quantize.int4``), None for a float artifact (``passes: []``)."""
     spec = recipe.targets[target]
+    defaults = layout(target, True).quant_defaults  # gpu: the builder's CUDA accuracy_level
     if spec.passes is None:
-        return Int4Config()
+        return Int4Config(**defaults)
     names = [p["name"] for p in spec.passes]
     if not names:
         return None
     if names != ["quantize.int4"]:
         raise BadInput(f"targets.{target}.passes: task text-generation takes [] (float) or [{{name: quantize.int4, ...}}] "
                        f"(block_size, try_block_sizes, search_scales, symmetric, accuracy_level, bits, mixed); got {names}")
-    return Int4Config(**{k: v for k, v in spec.passes[0].items() if k != "name"})
+    return Int4Config(**{**defaults, **{k: v for k, v in spec.passes[0].items() if k != "name"}})
 
 
 def budget_of(recipe: Recipe, target: str) -> AccuracySpec:
@@ -201,48 +220,87 @@ def _accept(spec: AccuracySpec, ref: Reference) -> Callable[[TeacherForced], boo
     return accept
 
 
-def _build_cpu(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, exported: Exported, tokenizer_files: list[Path],
-               final: Path, force: bool) -> TargetResult:
+def _build_target(recipe: Recipe, lm: CausalLM, texts: Texts, ref: Reference, exported: Exported, tokenizer_files: list[Path],
+                  final: Path, force: bool, chosen: dict) -> TargetResult:
+    """``chosen``: quantized models by (options, fp16, budget), shared by the targets of one build (cpu and mobile)."""
     config = _quant_config(recipe, final.name)
     spec = budget_of(recipe, final.name)
-    passes = []
-    start = time.perf_counter()
-    block_size = None
-    if config is None:
-        model, plan, steps, ranked, searched = onnx.load(str(exported.path)), {}, [], [], 0
-    else:
-        importance = None
-        if config.bits == 4 and config.symmetric and config.search_scales:
-            importance = input_importance(exported.path, texts.calibration)
-            logger.info(f"        int4 block scales searched on {len(texts.calibration)} calibration texts' activations")
-        if config.bits == 8:
-            q = Quantized.prepare(onnx.load(str(exported.path)), config, bits=(8,))
-            model, plan, steps, ranked, searched = q.build({}, default=8), {}, [], [], 0
-            del q
-        else:
-            def prepare(size: int, bits: tuple[int, ...]) -> Quantized:
-                return Quantized.prepare(onnx.load(str(exported.path)), config.model_copy(update={"block_size": size}),
-                                         bits=bits, importance=importance)
-
-            calibration = [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]]
-            choice = choose_blocks(prepare, [*config.try_block_sizes, config.block_size], texts.eval, calibration,
-                                   _accept(spec, ref), config.max_int8_groups if config.mixed else 0)
-            model, plan, steps, ranked = choice.model, choice.plan, choice.steps, choice.sensitivity
-            searched, block_size = choice.searched, choice.block_size
-        counts = summary(model)
-        logger.info(f"  pass  quantize.int4  MatMulNBits int4×{counts['int4']} int8×{counts['int8']}, tied embedding {bool(counts['tied_embedding'])}"
-            f"  ({time.perf_counter() - start:.1f}s)")
-        passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True,
-                       "stats": {**counts, "int8_groups": sorted(plan), "steps": steps, "sensitivity": ranked,
-                                 "searched_scales": searched, "block_size": block_size or config.block_size,
-                                 "kept_float": sorted(plan),
-                                 "summary": f"{len(plan)} group(s) kept at int8 by measured sensitivity" if plan else "all int4"}})
+    lay = layout(final.name, config is not None)  # the forms this target ships (forms.py)
     try:
         with staging(final, force) as tmp:
-            manifest = _emit_and_check(recipe, final.name, lm, texts, ref, exported, tokenizer_files, model, passes, spec, tmp)
+            entries = []
+            for form in lay.forms:
+                model, passes = _prepare(form, exported, config, spec, texts, ref, chosen)
+                entries.append(_emit_and_check(lay, form, lm, texts, ref, exported, model, passes, spec, tmp))
+                del model
+                gc.collect()
+            manifest = _write_manifest(recipe, lay, lm, exported, tokenizer_files, entries, tmp)
     except _Failed as failed:
         return TargetResult(recipe.name, final.name, FAILED, "accuracy budget exceeded", 1, failed.manifest)
     return TargetResult(recipe.name, final.name, PASSED, None, 0, manifest, final)
+
+
+def _prepare(form: Form, exported: Exported, config: Int4Config | None, spec: AccuracySpec, texts: Texts,
+             ref: Reference, chosen: dict) -> tuple[onnx.ModelProto, list[dict]]:
+    """The exported float graph in ``form``: fp16 (before quantizing: fp16 scales), int4/int8, a fixed batch."""
+    passes = []
+    if form.fp16:
+        passes.append({"name": "fp16", "params": {"keep_io_types": False}, "modified": True,
+                       "stats": {"summary": "fp16 weights, activations, KV cache and logits (onnxruntime.transformers.float16)"}})
+    if form.quantized and config is not None:
+        key = (config.model_dump_json(), form.fp16, spec.model_dump_json())
+        if key not in chosen:  # the same options and budget on the same graph choose the same model: measured once
+            chosen[key] = _quantize(exported, form, config, spec, texts, ref)
+        else:
+            logger.info("  pass  quantize.int4  the same options and budget as an earlier target: its model")
+        model = onnx.ModelProto()
+        model.CopyFrom(chosen[key][0])
+        passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True, "stats": chosen[key][1]})
+    else:
+        model = _float(exported, form)
+        if form.fp16 and share_head(model):
+            passes[-1]["stats"]["tied_head"] = "the LM head reads the embedding table through a Transpose (one copy)"
+    if form.batch:
+        fix_batch(model, form.batch)
+        passes.append({"name": "shapes.fix", "params": {"batch_size": form.batch}, "modified": True,
+                       "stats": {"summary": f"batch fixed to {form.batch}; sequence and past lengths stay dynamic"}})
+    return model, passes
+
+
+def _float(exported: Exported, form: Form) -> onnx.ModelProto:
+    model = onnx.load(str(exported.path))
+    return to_fp16(model) if form.fp16 else model
+
+
+def _quantize(exported: Exported, form: Form, config: Int4Config, spec: AccuracySpec, texts: Texts,
+              ref: Reference) -> tuple[onnx.ModelProto, dict]:
+    """The form's float graph at int4 (blocks of each ``try_block_sizes`` first, then ``block_size``, then int8 groups)."""
+    start = time.perf_counter()
+    importance = None
+    if config.bits == 4 and config.symmetric and config.search_scales:
+        importance = input_importance(exported.path, texts.calibration)
+        logger.info(f"        int4 block scales searched on {len(texts.calibration)} calibration texts' activations")
+    block_size = config.block_size
+    if config.bits == 8:
+        q = Quantized.prepare(_float(exported, form), config, bits=(8,))
+        model, plan, steps, ranked, searched = q.build({}, default=8), {}, [], [], 0
+        del q
+    else:
+        def prepare(size: int, bits: tuple[int, ...]) -> Quantized:
+            return Quantized.prepare(_float(exported, form), config.model_copy(update={"block_size": size}),
+                                     bits=bits, importance=importance)
+
+        calibration = [s[:SENSITIVITY_TOKENS] for s in texts.calibration[:SENSITIVITY_SEQUENCES]]
+        choice = choose_blocks(prepare, [*config.try_block_sizes, config.block_size], texts.eval, calibration,
+                               _accept(spec, ref), config.max_int8_groups if config.mixed else 0)
+        model, plan, steps, ranked = choice.model, choice.plan, choice.steps, choice.sensitivity
+        searched, block_size = choice.searched, choice.block_size or config.block_size
+    counts = summary(model)
+    logger.info(f"  pass  quantize.int4  MatMulNBits int4×{counts['int4']} int8×{counts['int8']}, tied embedding {bool(counts['tied_embedding'])}"
+        f"  ({time.perf_counter() - start:.1f}s)")
+    return model, {**counts, "int8_groups": sorted(plan), "steps": steps, "sensitivity": ranked, "searched_scales": searched,
+                   "block_size": block_size, "kept_float": sorted(plan),
+                   "summary": f"{len(plan)} group(s) kept at int8 by measured sensitivity" if plan else "all int4"}
 
 
 class _Failed(Exception):
@@ -251,19 +309,30 @@ class _Failed(Exception):
         self.manifest = manifest
 
 
-def _emit_and_check(recipe: Recipe, target: str, lm: CausalLM, texts: Texts, ref: Reference, exported: Exported, tokenizer_files: list[Path],
-                    model: onnx.ModelProto, passes: list[dict], spec: AccuracySpec, tmp: Path) -> dict:
-    path = tmp / "model.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    for data in tmp.glob("model.onnx.data"):
+def _save(model: onnx.ModelProto, form: Form, tmp: Path) -> dict[str, Any]:
+    """Write the form's model file(s); returns the form's manifest extras."""
+    if form.ort_format:
+        return {"mobile": write_ort(model, tmp)}
+    onnx.save_model(model, str(tmp / form.model_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=form.model_file + ".data", size_threshold=1024)
+    for data in tmp.glob(form.model_file + ".data"):
         data.chmod(0o644)  # onnx writes it 0600; the artifact is read by other users
-    for f in tokenizer_files:
-        shutil.copyfile(f, tmp / f.name)
-    dec = OrtDecoder(path, threads=CHECK_THREADS)
-    inputs = list(dec.inputs)
-    write_genai_config(tmp, genai_config(lm.config, lm.tokenizer, exported.geometry, "model.onnx", inputs, ref.eos,
-                                            share_buffer=exported.backend == "fused"))
+    return {}
+
+
+def _emit_and_check(lay: Layout, form: Form, lm: CausalLM, texts: Texts, ref: Reference, exported: Exported,
+                    model: onnx.ModelProto, passes: list[dict], spec: AccuracySpec, tmp: Path) -> dict:
+    """Write one model of the folder and run the generation checks on the written file: its manifest entry."""
+    extras = _save(model, form, tmp)
+    path = tmp / form.model_file
+    if form.fp16:
+        extras["checked_on"] = precision_on_cpu(path, tmp.parent / f".as-run-{os.getpid()}")
+    providers = [p for p in lay.providers if p in ort.get_available_providers()]  # CUDA where present, else CPU
+    dec = OrtDecoder(path, threads=CHECK_THREADS, providers=providers)
+    if form.model_file == lay.genai_model:
+        config = genai_config(lm.config, lm.tokenizer, exported.geometry, form.model_file, list(dec.inputs), ref.eos,
+                              share_buffer=exported.backend == "fused")
+        write_genai_config(tmp, genai_settings(config, lay))
     tf = TeacherForced.measure(dec.logits, texts.eval)
     agree = agreement(ref.teacher.logits, tf.logits)
     tokens = [greedy(dec, p, texts.max_new_tokens, ref.eos) for p in texts.prompts]
@@ -279,35 +348,55 @@ def _emit_and_check(recipe: Recipe, target: str, lm: CausalLM, texts: Texts, ref
                    "identical": sum(m == len(r) for m, r in zip(match, ref.greedy, strict=True))},
         "eos_token_ids": ref.eos,
     }
-    logger.info(f"  check model.onnx: perplexity {ref.teacher.perplexity:.3f} → {tf.perplexity:.3f} ({100 * generation['perplexity']['increase']:+.1f}%, "
+    logger.info(f"  check {form.model_file}: perplexity {ref.teacher.perplexity:.3f} → {tf.perplexity:.3f} ({100 * generation['perplexity']['increase']:+.1f}%, "
         f"budget {acc['budget']}) {'ok' if acc['passed'] else 'FAILED'}; next-token top-1 {agree['top1']:.3f}, "
         f"greedy matched {generation['greedy']['mean_matched']:.1f}/{texts.max_new_tokens} tokens on average")
     golden = {f"prompt/{i}": p for i, p in enumerate(texts.prompts)} | {f"tokens/{i}": np.asarray(t, np.int64) for i, t in enumerate(tokens)}
-    save_npz(tmp / GOLDEN, golden)
-    speed = bench_decoder(OrtDecoder(path), texts.eval[0])  # speed on the runtime's default threads
+    save_npz(tmp / form.golden_file, golden)
+    speed = bench_decoder(OrtDecoder(path, providers=providers), texts.eval[0])  # speed on the runtime's default threads
     logger.info(f"  bench prefill {speed['prefill_tokens']} tokens {speed['prefill_ms']:.1f} ms, decode {speed['decode_tokens_per_s']:.1f} tokens/s")
-    size = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
+    if form.fp16 and dec.session.get_providers()[0] == "CPUExecutionProvider":
+        speed["note"] = FP16_SPEED_NOTE
+    size = sum(p.stat().st_size for p in tmp.glob(form.model_file + "*"))
     fp32 = sum(p.stat().st_size for p in exported.path.parent.glob("model.onnx*"))
-    manifest = {
-        "name": recipe.name, "target": target, "description": DESCRIPTION,
-        "task": "text-generation", "status": "passed" if acc["passed"] else "failed", "model_file": "model.onnx",
+    io = next(i for i in dec.session.get_inputs() if i.name.startswith("past_key_values"))
+    return {
+        "model_file": form.model_file, "form": form.key, "status": "passed" if acc["passed"] else "failed",
+        "precision": {"activations": "float16" if form.fp16 else "float32", "kv_cache": {"float": "float32"}.get(io.type[7:-1], io.type[7:-1]),
+                      "weights": "int4" if form.quantized else ("float16" if form.fp16 else "float32"), "batch": form.batch or "dynamic"},
         "runtime": {"name": "onnxruntime", "version": _versions()["onnxruntime"], "providers": dec.session.get_providers(),
-                    "requested_providers": ["CPUExecutionProvider"], "session_config": {}, "genai_config": "genai_config.json"},
+                    "requested_providers": lay.providers, "session_config": {},
+                    **({"genai_config": "genai_config.json"} if form.model_file == lay.genai_model else {})},
         "inputs": [{"name": i.name, "dtype": i.type, "shape": i.shape} for i in dec.session.get_inputs()[:3]],
         "outputs": [{"name": o.name, "dtype": o.type, "shape": o.shape} for o in dec.session.get_outputs()[:3]],
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0), "ir_version": model.ir_version,
+        "size": {"model_bytes": size, "fp32_bytes": fp32, "ratio": round(size / fp32, 4) if fp32 else 0.0},
+        "passes": passes, "accuracy": acc, "generation": generation,
+        "golden": {"file": form.golden_file, "prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "eos_token_ids": ref.eos,
+                   "threads": CHECK_THREADS},
+        "latency": speed, **extras,
+    }
+
+
+def _write_manifest(recipe: Recipe, lay: Layout, lm: CausalLM, exported: Exported, tokenizer_files: list[Path],
+                    entries: list[dict], tmp: Path) -> dict:
+    """The folder's manifest: its first model's entry at the top (the artifact contract), every model under ``models``."""
+    for f in tokenizer_files:
+        shutil.copyfile(f, tmp / f.name)
+    passed = all(e["status"] == "passed" for e in entries)
+    manifest = {
+        "name": recipe.name, "target": lay.target, "description": lay.description, "task": "text-generation",
+        **entries[0], "status": "passed" if passed else "failed",
         "kv_cache": {"layers": exported.geometry["layers"], "kv_heads": exported.geometry["kv_heads"],
                      "head_size": exported.geometry["head_size"], "past": "past_key_values.%d.key|value", "present": "present.%d.key|value"},
-        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0), "ir_version": model.ir_version,
         "source": {"kind": "gguf" if recipe.model.gguf else "hf", "origin": lm.origin, "export": exported.backend,
                    "export_check": {"cases": len(exported.checks), "passed": all(c["passed"] for c in exported.checks),
                                     "max_abs": max(c["max_abs"] for c in exported.checks), "checks": exported.checks}},
-        "size": {"model_bytes": size, "fp32_bytes": fp32, "ratio": round(size / fp32, 4) if fp32 else 0.0},
-        "passes": passes, "accuracy": acc, "generation": generation,
-        "golden": {"file": GOLDEN, "prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "eos_token_ids": ref.eos,
-                   "threads": CHECK_THREADS},
-        "latency": speed, "versions": _versions(), "warnings": [],
+        "versions": _versions(), "warnings": [],
     }
+    if len(entries) > 1:
+        manifest["models"] = entries
     manifest = write_manifest(tmp, manifest)
-    if not acc["passed"]:
+    if not passed:
         raise _Failed(manifest)
     return manifest

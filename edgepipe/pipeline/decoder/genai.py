@@ -59,12 +59,18 @@ def write_genai_config(folder: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def genai_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens onnxruntime-genai generates from the artifact folder (as a runtime would load it)."""
+def genai_greedy(folder: Path, prompt: list[int], max_new_tokens: int, cpu: bool = False) -> list[int]:
+    """Greedy tokens onnxruntime-genai generates from the artifact folder (as a runtime would load it).
+
+    ``cpu``: drop the config's providers (a gpu folder names cuda) and run on genai's CPU build.
+    """
     import numpy as np
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    config = og.Config(str(folder))
+    if cpu:
+        config.clear_providers()
+    model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens, batch_size=1)
     generator = og.Generator(model, params)

@@ -30,13 +30,19 @@ def load_prompts(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def replay(folder: Path, manifest: dict[str, Any], threads: int | None = None) -> list[tuple[str, bool, str]]:
-    """(name, passed, detail) per check: the artifact's greedy tokens on every golden prompt equal the stored ones."""
-    golden = manifest.get("golden", {})
+    """(name, passed, detail) per check: every model's greedy tokens on every golden prompt equal the stored ones."""
+    models = manifest.get("models") or [manifest]  # a gpu folder: the fp16 and the int4 model, each with its golden file
+    return [r for entry in models for r in _replay_one(folder, entry, threads, f"{entry['model_file']}:" if len(models) > 1 else "")]
+
+
+def _replay_one(folder: Path, entry: dict[str, Any], threads: int | None, prefix: str) -> list[tuple[str, bool, str]]:
+    golden = entry.get("golden", {})
     try:
         prompts, expected = load_prompts(folder / golden.get("file", "golden.npz"))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        return [("golden", False, f"{golden.get('file')} is unreadable or corrupt: {exc}")]
-    dec = OrtDecoder(folder / manifest["model_file"], threads=threads or golden.get("threads"))
+        return [(f"golden:{prefix}", False, f"{golden.get('file')} is unreadable or corrupt: {exc}")]
+    providers = entry.get("runtime", {}).get("providers")  # the ones the golden tokens were made on
+    dec = OrtDecoder(folder / entry["model_file"], threads=threads or golden.get("threads"), providers=providers)
     eos = [int(t) for t in golden.get("eos_token_ids", [])]
     start = time.perf_counter()
     results = []
@@ -44,7 +50,7 @@ def replay(folder: Path, manifest: dict[str, Any], threads: int | None = None) -
         got = greedy(dec, prompt, int(golden.get("max_new_tokens", len(want))), eos)
         same = matched(list(want), got)
         ok = same == len(want) == len(got)
-        results.append((f"golden:prompt {i}", ok, f"{same}/{len(want)} greedy tokens match ({time.perf_counter() - start:.1f}s)"))
+        results.append((f"golden:{prefix}prompt {i}", ok, f"{same}/{len(want)} greedy tokens match ({time.perf_counter() - start:.1f}s)"))
     return results
 
 

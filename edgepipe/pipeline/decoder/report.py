@@ -7,9 +7,13 @@ from typing import Any
 
 
 def generation_section(manifest: dict[str, Any]) -> str:
-    gen = manifest.get("generation")
-    if not gen:
-        return ""
+    """One table per model the folder ships (a gpu folder: fp16 and int4)."""
+    models = manifest.get("models") or [manifest]
+    return "".join(_table(m, f" ({m['model_file']})" if len(models) > 1 else "") for m in models if m.get("generation"))
+
+
+def _table(manifest: dict[str, Any], title: str) -> str:
+    gen = manifest["generation"]
     ppl, nt, gr, lat = gen["perplexity"], gen["next_token"], gen["greedy"], manifest.get("latency", {})
     rows = [
         ("perplexity (eval text)", f"{ppl['reference']:.3f} (PyTorch) → {ppl['artifact']:.3f} ({100 * ppl['increase']:+.1f} %)"),
@@ -21,4 +25,4 @@ def generation_section(manifest: dict[str, Any]) -> str:
         ("decode", f"{lat.get('decode_tokens_per_s', 0):.1f} tokens/s ({lat.get('decode_ms_per_token', 0):.2f} ms/token); peak RSS {lat.get('peak_rss_mb', 0)} MB"),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    return f"<h3>generation checks</h3><table>{body}</table>"
+    return f"<h3>generation checks{html.escape(title)}</h3><table>{body}</table>"

@@ -32,11 +32,11 @@ ROWS = 8192  # output rows searched at once (bounds the temporaries to ~100 MB)
 
 
 def matmul_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The float (K, N) weights of the MatMuls with a constant 2-D weight, by initializer name."""
+    """The float (K, N) weights of the MatMuls with a constant 2-D weight (float32 or float16: as float32), by initializer name."""
     inits = {i.name: i for i in model.graph.initializer}
     names = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits}
     arrays = {name: numpy_helper.to_array(inits[name]) for name in names}
-    return {k: v for k, v in arrays.items() if v.ndim == 2 and v.dtype == np.float32}
+    return {k: v.astype(np.float32) for k, v in arrays.items() if v.ndim == 2 and v.dtype in (np.float32, np.float16)}
 
 
 def input_importance(path: Path, sequences: Sequence[np.ndarray], threads: int | None = CHECK_THREADS) -> dict[str, np.ndarray]:
@@ -133,6 +133,7 @@ def refine(model: onnx.ModelProto, weights: dict[str, np.ndarray], importance: d
         packed, scales = search(weights[source], importance[node.input[0]], attrs["block_size"])
         b, s = inits[node.input[1]], inits[node.input[2]]
         b.CopyFrom(numpy_helper.from_array(packed.reshape(tuple(b.dims)), b.name))
-        s.CopyFrom(numpy_helper.from_array(scales.reshape(tuple(s.dims)), s.name))
+        dtype = helper.tensor_dtype_to_np_dtype(s.data_type)  # float16 in an fp16 model (the gpu form)
+        s.CopyFrom(numpy_helper.from_array(scales.reshape(tuple(s.dims)).astype(dtype), s.name))
         done += 1
     return done
