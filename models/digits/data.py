@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -12,6 +13,12 @@ TEST_SHARE = 0.2
 
 def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test); images float32 [N, 1, 8, 8] in [0, 1]."""
+    return tuple(a.copy() for a in _split())  # a caller may write into its arrays; the cache stays as loaded
+
+
+@functools.cache
+def _split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Loaded and split once per process (a build reads the data several times: checks, reference, calibration)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
