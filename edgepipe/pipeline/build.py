@@ -26,6 +26,7 @@ from edgepipe.core.artifact import GOLDEN, ensure_replaceable, remove_stale, sav
 from edgepipe.core.bench import latency, resize_batch
 from edgepipe.core.errors import BadInput, EdgepipeError, PassError, classify, explain
 from edgepipe.core.fanout import current_map, evaluate_batches
+from edgepipe.core.manifest import Manifest
 from edgepipe.core.result import ERROR, FAILED, PASSED, TargetResult
 from edgepipe.core.runtime import Runner, concat, pad_tokens, run_batches
 from edgepipe.passes import PassContext, create, model_stats
@@ -321,7 +322,8 @@ def _build_target(ctx: BuildContext, name: str) -> TargetResult:
         with staging(final, ctx.force) as tmp:
             manifest = _check_and_write(stage, built, tmp)
     except _Failed as failed:
-        reason = output_failure(failed.manifest) or budget_failure(failed.manifest)
+        typed = Manifest.from_json(failed.manifest)
+        reason = output_failure(typed) or budget_failure(typed)
         return TargetResult(recipe.name, name, FAILED, reason, 1, failed.manifest)
     return TargetResult(recipe.name, name, PASSED, None, 0, manifest, final)
 

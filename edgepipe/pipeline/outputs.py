@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgepipe.core.manifest import Manifest
 from edgepipe.recipe import AccuracySpec
 from edgepipe.sources.accuracy import AccuracyResult, Metric, Outputs, measure, reference_value
 
@@ -96,13 +97,12 @@ def problems(acc: AccuracyResult) -> list[str]:
     return [c["problem"] for c in (acc.outputs or {}).values() if not c["passed"]]
 
 
-def failure_reason(manifest: dict[str, Any]) -> str:
+def failure_reason(manifest: Manifest) -> str:
     """The outputs that failed their checks, for the build summary ('' when only the budget failed)."""
     reasons = []
-    entries = manifest.get("models") or [manifest]
+    entries = manifest.entries
     for entry in entries:
-        acc = entry.get("accuracy") or {}
-        prefix = f"{entry.get('model_file')}: " if len(entries) > 1 else ""
-        failed = [c["problem"] for c in (acc.get("outputs") or {}).values() if not c.get("passed")]
+        prefix = f"{entry.model_file}: " if len(entries) > 1 else ""
+        failed = [c["problem"] for c in (entry.accuracy.outputs or {}).values() if not c.get("passed")]
         reasons += [prefix + p for p in failed]
     return "; ".join(reasons)
