@@ -32,7 +32,7 @@ from edgepipe.core.runtime import Runner, concat, pad_tokens, run_batches
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load
 from edgepipe.pipeline.checks import data_warnings, speed_note, speed_warning
-from edgepipe.pipeline.evaluator import Evaluator
+from edgepipe.pipeline.evaluator import EvalSet
 from edgepipe.pipeline.fallback import failure_reason as budget_failure
 from edgepipe.pipeline.fallback import run_with_fallback
 from edgepipe.pipeline.manifest import model_entry, target_manifest
@@ -53,17 +53,6 @@ logger = logging.getLogger(__name__)
 GOLDEN_SAMPLES = 8
 
 __all__ = ["BuildContext", "EvalSet", "TargetResult", "build", "build_target", "prepare", "preflight", "run_batches", "select_targets"]
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSet:
-    """Eval inputs, labels and reference outputs, computed once per recipe; what every candidate is scored on."""
-
-    batches: list[tuple[dict[str, np.ndarray], np.ndarray | None]]
-    labels: np.ndarray | None
-    reference: dict[str, np.ndarray]
-    origin: str  # eval | calibration | synthetic
-    warnings: tuple[str, ...] = ()  # weak data: in every manifest and the report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +321,7 @@ def _pass_context(stage: TargetStage, key: str) -> PassContext:
     """What a variant's passes may use: calibration data, a scratch folder, the scorer and the budget."""
     work = stage.ctx.work / stage.target.name / key
     ev = stage.ctx.evals
-    evaluate = Evaluator(stage.accuracy, stage.metric, ev.batches, ev.reference, ev.labels, list(stage.target.providers), work / "candidates")
+    evaluate = ev.evaluator(stage.accuracy, stage.metric, list(stage.target.providers), work / "candidates")
     ref = reference_value(stage.accuracy, stage.metric, ev.reference, ev.labels)
 
     def accept(score: float) -> bool:
