@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from edgepipe.core.artifact import sha256_file
 from edgepipe.core.errors import BadInput, one_line
 from edgepipe.core.modelio import describe_values
 from edgepipe.passes.base import default_opset, save
@@ -66,6 +68,29 @@ def convert_to_ort(src: Path, out: Path, level: str = "all") -> None:
         raise BadInput(one_line(f"mobile: onnxruntime could not convert the model to ORT format: {lines[-1] if lines else proc.returncode}"))
 
 
+# The last conversions of this process by the ONNX file's sha256: the speed check converts the float and the int8
+# model, and the build then ships one of them; the converter (a child that imports torch, ~2 s) gives the same
+# bytes for the same file, so the shipped one is not converted again.
+_CONVERTED: collections.OrderedDict[str, tuple[bytes, str]] = collections.OrderedDict()
+_KEEP = 2
+
+
+def ort_format(src: Path) -> tuple[bytes, str]:
+    """(model.ort bytes, required operators config) of an ONNX file, converted in a child (see ``convert_to_ort``)."""
+    key = sha256_file(src)
+    if key in _CONVERTED:
+        _CONVERTED.move_to_end(key)
+        return _CONVERTED[key]
+    out = src.parent / "ort"
+    convert_to_ort(src, out)
+    # The converter names its temp path in a comment: keep the file the same build to build.
+    config = (out / f"model.{OPS_CONFIG}").read_text(encoding="utf-8").replace(str(out / "model.ort"), "model.ort")
+    _CONVERTED[key] = (out / "model.ort").read_bytes(), config
+    while len(_CONVERTED) > _KEEP:
+        _CONVERTED.popitem(last=False)
+    return _CONVERTED[key]
+
+
 class MobileTarget(Target):
     """Static shapes, QDQ uint8 activations / int8 per-channel weights, ORT format (Fixed style)."""
 
@@ -100,11 +125,8 @@ class MobileTarget(Target):
         work = Path(tempfile.mkdtemp(prefix="edgepipe-ort-"))
         try:
             src = save(deployable(model), work / "model.onnx")
-            out = work / "ort"
-            convert_to_ort(src, out)
-            shutil.copyfile(out / "model.ort", folder / "model.ort")
-            # The converter names its temp path in a comment: keep the file the same build to build.
-            config = (out / f"model.{OPS_CONFIG}").read_text(encoding="utf-8").replace(str(out / "model.ort"), "model.ort")
+            ort, config = ort_format(src)
+            (folder / "model.ort").write_bytes(ort)
             (folder / OPS_CONFIG).write_text(config, encoding="utf-8")
             proto = onnx.load(str(src))
         finally:

@@ -50,6 +50,21 @@ def system_temp(tmp_path_factory):
         assert not left, f"the tests left {left} in the system temp folder"
 
 
+# ---------------------------------------------------------------- suite speed (shared fixtures; see docs/testing.md)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_build_children():
+    """Build children (the default executor) fork from one server per session: it imports, once, what the tests'
+    models import on every build (scikit-learn for the digits data, transformers for the hf models)."""
+    from edgepipe.scale import executor
+
+    saved = executor.PRELOAD
+    executor.PRELOAD = [*saved, "sklearn.datasets", "sklearn.model_selection", "transformers"]
+    yield
+    executor.PRELOAD = saved
+
+
 @pytest.fixture(scope="session")
 def digits_build(tmp_path_factory) -> Path:
     """OUT folder of one real `edgepipe build` of the digits recipe (cpu, mobile and gpu targets)."""

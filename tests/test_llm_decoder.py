@@ -163,9 +163,10 @@ def test_verify_replays_greedy_tokens_and_catches_a_changed_golden(built, tmp_pa
     np.savez(copy / "golden.npz", **arrays)
     assert main(["verify", str(copy)]) == 1  # hashes catch it
     manifest = json.loads((copy / "manifest.json").read_text())
+    from edgepipe.core.manifest import Manifest
     from edgepipe.pipeline.decoder.replay import replay
 
-    results = replay(copy, manifest)
+    results = replay(copy, Manifest.from_json(manifest))
     assert not results[0][1] and all(ok for _, ok, _ in results[1:])  # and so does the replay itself
 
 

@@ -1,4 +1,4 @@
-"""edgepipe.pipeline.decoder.ortlm on a tiny KV-cache decoder built inline: a cache that must grow token by token."""
+"""edgepipe.pipeline.decoder.ortlm (over runtime.OrtDecoder) on a tiny KV-cache decoder built inline: a cache that must grow token by token."""
 
 from __future__ import annotations
 

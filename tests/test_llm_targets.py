@@ -12,6 +12,7 @@ import pytest
 from llm_util import recipe, tiny_lm
 
 from edgepipe.cli import main
+from edgepipe.core.manifest import Manifest
 from edgepipe.pipeline.decoder.replay import load_prompts, replay
 from edgepipe.pipeline.decoder.runtime import OrtDecoder
 from edgepipe.targets.ortgraph import load_ort
@@ -112,6 +113,6 @@ def test_verify_replays_every_model_and_catches_a_changed_golden(built, tmp_path
     arrays["tokens/1"][-1] = (arrays["tokens/1"][-1] + 1) % 300
     np.savez(copy / "golden.int4.npz", **arrays)
     assert main(["verify", str(copy)]) == 1
-    failed = [name for name, ok, _ in replay(copy, json.loads((copy / "manifest.json").read_text())) if not ok]
+    failed = [name for name, ok, _ in replay(copy, Manifest.from_json(json.loads((copy / "manifest.json").read_text()))) if not ok]
     assert failed == ["golden:model.int4.onnx:prompt 1"]  # the fp16 model's golden still replays
 

@@ -47,17 +47,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgepipe.core.artifact import GOLDEN, load_golden, read_manifest
     from edgepipe.core.bench import latency, peak_rss_mb, resize_batch
+    from edgepipe.core.manifest import Manifest
     from edgepipe.core.runtime import Runner
 
     folder = Path(args.artifact)
-    manifest = read_manifest(folder)
-    if manifest.get("task") == "text-generation":
+    manifest = Manifest.from_json(read_manifest(folder))
+    if manifest.is_decoder:
         from edgepipe.pipeline.decoder.replay import bench_cli
 
         return bench_cli(folder, manifest, args)
-    runtime = manifest.get("runtime", {})
-    runner = Runner(folder / manifest["model_file"], providers=runtime.get("providers"), threads=args.threads,
-                    session_config=runtime.get("session_config"))
+    runtime = manifest.primary.runtime
+    runner = Runner(folder / manifest.primary.model_file, providers=runtime.providers, threads=args.threads,
+                    session_config=runtime.session_config)
     inputs, _, _ = load_golden(folder / GOLDEN)
     rows = []
     sizes = [int(x) for x in args.batch.split(",")]

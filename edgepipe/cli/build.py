@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from edgepipe.core.errors import BadInput, one_line
+from edgepipe.core.manifest import Manifest, ModelEntry
 from edgepipe.core.result import ERROR, TargetResult, as_json, exit_code
 
 logger = logging.getLogger(__name__)
@@ -156,13 +157,14 @@ def _table(results: list[TargetResult], executor: str) -> None:
     for col in ("recipe", "target", "status", "size (vs fp32)", "metric: fp32 → artifact", "p50 ms (b1)", "seconds", "artifact / error"):
         table.add_column(col)
     for r in results:
-        for i, m in enumerate([r.manifest, *r.manifest.get("models", [])[1:]] if r.manifest else [{}]):
-            acc, lat, size = m.get("accuracy") or {}, m.get("latency") or {}, m.get("size") or {}
-            metric = f"{acc['metric']}: {acc['reference']:.4f} → {acc['value']:.4f}" if acc else "-"
+        entries = Manifest.from_json(r.manifest).entries if r.manifest else (ModelEntry(),)
+        for i, m in enumerate(entries):
+            acc, lat, size = m.accuracy, m.latency or {}, m.size
+            metric = f"{acc.metric}: {acc.reference:.4f} → {acc.value:.4f}" if "accuracy" in m.present else "-"
             status = r.status if r.passed else r.status.upper()
             table.add_row(
-                r.name if i == 0 else "", r.target if i == 0 else f"  + {m.get('model_file')}", status if i == 0 else ("passed" if acc.get("passed") else "FAILED"),
-                f"{size['model_bytes'] / 1024:.1f} KiB ({size['ratio']:.0%})" if size else "-", metric,
+                r.name if i == 0 else "", r.target if i == 0 else f"  + {m.model_file}", status if i == 0 else ("passed" if acc.passed else "FAILED"),
+                f"{size.model_bytes / 1024:.1f} KiB ({size.ratio:.0%})" if "size" in m.present else "-", metric,
                 f"{lat['p50_ms']:.3f}" if lat else "-", f"{r.seconds:.1f}" if i == 0 else "",
                 (str(r.folder) if r.folder else (r.error or "(not written)")) if i == 0 else "",
             )

@@ -26,12 +26,13 @@ from edgepipe.core.artifact import GOLDEN, ensure_replaceable, remove_stale, sav
 from edgepipe.core.bench import latency, resize_batch
 from edgepipe.core.errors import BadInput, EdgepipeError, PassError, classify, explain
 from edgepipe.core.fanout import current_map, evaluate_batches
+from edgepipe.core.manifest import Manifest
 from edgepipe.core.result import ERROR, FAILED, PASSED, TargetResult
 from edgepipe.core.runtime import Runner, concat, pad_tokens, run_batches
 from edgepipe.passes import PassContext, create, model_stats
 from edgepipe.passes.base import load
 from edgepipe.pipeline.checks import data_warnings, speed_note, speed_warning
-from edgepipe.pipeline.evaluator import Evaluator
+from edgepipe.pipeline.evaluator import EvalSet
 from edgepipe.pipeline.fallback import failure_reason as budget_failure
 from edgepipe.pipeline.fallback import run_with_fallback
 from edgepipe.pipeline.manifest import model_entry, target_manifest
@@ -52,17 +53,6 @@ logger = logging.getLogger(__name__)
 GOLDEN_SAMPLES = 8
 
 __all__ = ["BuildContext", "EvalSet", "TargetResult", "build", "build_target", "prepare", "preflight", "run_batches", "select_targets"]
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSet:
-    """Eval inputs, labels and reference outputs, computed once per recipe; what every candidate is scored on."""
-
-    batches: list[tuple[dict[str, np.ndarray], np.ndarray | None]]
-    labels: np.ndarray | None
-    reference: dict[str, np.ndarray]
-    origin: str  # eval | calibration | synthetic
-    warnings: tuple[str, ...] = ()  # weak data: in every manifest and the report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +311,8 @@ def _build_target(ctx: BuildContext, name: str) -> TargetResult:
         with staging(final, ctx.force) as tmp:
             manifest = _check_and_write(stage, built, tmp)
     except _Failed as failed:
-        reason = output_failure(failed.manifest) or budget_failure(failed.manifest)
+        typed = Manifest.from_json(failed.manifest)
+        reason = output_failure(typed) or budget_failure(typed)
         return TargetResult(recipe.name, name, FAILED, reason, 1, failed.manifest)
     return TargetResult(recipe.name, name, PASSED, None, 0, manifest, final)
 
@@ -330,7 +321,7 @@ def _pass_context(stage: TargetStage, key: str) -> PassContext:
     """What a variant's passes may use: calibration data, a scratch folder, the scorer and the budget."""
     work = stage.ctx.work / stage.target.name / key
     ev = stage.ctx.evals
-    evaluate = Evaluator(stage.accuracy, stage.metric, ev.batches, ev.reference, ev.labels, list(stage.target.providers), work / "candidates")
+    evaluate = ev.evaluator(stage.accuracy, stage.metric, list(stage.target.providers), work / "candidates")
     ref = reference_value(stage.accuracy, stage.metric, ev.reference, ev.labels)
 
     def accept(score: float) -> bool:

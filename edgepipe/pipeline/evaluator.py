@@ -1,4 +1,8 @@
-"""A candidate model's metric on the eval data, as plain data: it runs in a pass, a Ray task or a pool worker."""
+"""Scoring a model on the eval data: ``EvalSet`` (the data and reference outputs, once per recipe) and its
+``Evaluator`` (a candidate's metric, as plain data: it runs in a pass, a Ray task or a pool worker).
+
+The emitted artifact's own outputs are computed by ``core.fanout.evaluate_batches`` (fanned out where it pays) and
+checked by ``pipeline.outputs.measure_every_output``."""
 
 from __future__ import annotations
 
@@ -13,6 +17,21 @@ import onnx_ir as ir
 
 from edgepipe.recipe import AccuracySpec
 from edgepipe.sources.accuracy import BUILTIN, Metric, measure
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """Eval inputs, labels and reference outputs, computed once per recipe; what every candidate is scored on."""
+
+    batches: list[tuple[dict[str, np.ndarray], np.ndarray | None]]
+    labels: np.ndarray | None
+    reference: dict[str, np.ndarray]
+    origin: str  # eval | calibration | synthetic
+    warnings: tuple[str, ...] = ()  # weak data: in every manifest and the report
+
+    def evaluator(self, spec: AccuracySpec, metric: Metric, providers: list[str], work: Path | None = None) -> Evaluator:
+        """The scorer of candidates on this data, against these reference outputs."""
+        return Evaluator(spec, metric, self.batches, self.reference, self.labels, providers, work)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from edgepipe.core.manifest import Accuracy, Manifest
 from edgepipe.passes import PassContext
 from edgepipe.recipe import TargetSpec
 
@@ -58,19 +59,19 @@ def run_with_fallback(
     return after, before_log + auto_log + after_log
 
 
-def failure_reason(manifest: dict[str, Any]) -> str:
+def failure_reason(manifest: Manifest) -> str:
     """One line on why a target failed: a check that cannot tell, or the budget with what was tried and what to change."""
-    entries = manifest.get("models") or [manifest]
+    entries = manifest.entries
     for entry in entries:
-        acc = entry.get("accuracy") or {}
-        if acc.get("passed", True):
+        acc = entry.accuracy
+        if acc.passed:
             continue
-        where = f"{entry.get('model_file')}: " if len(entries) > 1 else ""
-        if acc.get("reason"):
-            return where + acc["reason"]
-        head = (f"accuracy budget exceeded: {acc.get('metric')} {acc.get('value', 0):.6f} vs reference "
-                f"{acc.get('reference', 0):.6f}, budget {_budget(acc)}")
-        auto = next((p for p in entry.get("passes") or [] if p.get("name") == "quantize.auto"), None)
+        where = f"{entry.model_file}: " if len(entries) > 1 else ""
+        if acc.reason:
+            return where + acc.reason
+        head = (f"accuracy budget exceeded: {acc.get('metric')} {acc.value:.6f} vs reference "
+                f"{acc.reference:.6f}, budget {_budget(acc)}")
+        auto = next((p for p in entry.passes or [] if p.get("name") == "quantize.auto"), None)
         if auto is None:
             return where + head
         stats = auto.get("stats", {})
@@ -85,6 +86,6 @@ def failure_reason(manifest: dict[str, Any]) -> str:
     return "accuracy budget exceeded"
 
 
-def _budget(acc: dict[str, Any]) -> str:
-    budget = acc.get("budget") or {}
+def _budget(acc: Accuracy) -> str:
+    budget = acc.budget or {}
     return ", ".join(f"{k} {v}" for k, v in budget.items()) or "none"

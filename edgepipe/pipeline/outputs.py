@@ -13,23 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from edgepipe.core.manifest import Manifest
 from edgepipe.recipe import AccuracySpec
-from edgepipe.sources.accuracy import AccuracyResult, Metric, Outputs, measure, reference_value
+from edgepipe.sources.accuracy import AccuracyResult, Metric, Outputs, cosine_per_sample, measure, reference_value
 
 logger = logging.getLogger(__name__)
-
-
-def _rows(a: np.ndarray) -> np.ndarray:
-    return a.reshape(len(a), -1).astype(np.float64) if a.ndim else a.reshape(1, 1).astype(np.float64)
-
-
-def _cosine_rows(cand: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Per-sample cosine; two all-zero rows agree (1.0), one all-zero row against a non-zero one does not (0.0)."""
-    c, r = _rows(cand), _rows(ref)
-    nc, nr = np.linalg.norm(c, axis=1), np.linalg.norm(r, axis=1)
-    both_zero = (nc == 0) & (nr == 0)
-    cos = np.where(nc * nr > 0, (c * r).sum(1) / np.maximum(nc * nr, 1e-300), 0.0)
-    return np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
 
 
 def check_output(name: str, cand: np.ndarray | None, ref: np.ndarray, min_cosine: float) -> dict[str, Any]:
@@ -52,7 +40,7 @@ def check_output(name: str, cand: np.ndarray | None, ref: np.ndarray, min_cosine
             if bad.any():
                 problems.append(f"{int(bad.sum())} NaN/Inf values where the reference is finite")
             c, r = np.where(np.isfinite(cand), cand, 0).astype(np.float64), np.where(np.isfinite(ref), ref, 0).astype(np.float64)
-            entry["cosine"] = round(float(_cosine_rows(c, r).mean()), 6) if c.size else 1.0
+            entry["cosine"] = round(float(cosine_per_sample(c, r).mean()), 6) if c.size else 1.0
             entry["rel_l2"] = round(float(np.linalg.norm(c - r) / max(np.linalg.norm(r), 1e-12)), 6)
             entry["max_abs"] = float(f"{float(np.abs(c - r).max(initial=0.0)):.6g}")
             close, what = entry["cosine"], "cosine"
@@ -96,13 +84,12 @@ def problems(acc: AccuracyResult) -> list[str]:
     return [c["problem"] for c in (acc.outputs or {}).values() if not c["passed"]]
 
 
-def failure_reason(manifest: dict[str, Any]) -> str:
+def failure_reason(manifest: Manifest) -> str:
     """The outputs that failed their checks, for the build summary ('' when only the budget failed)."""
     reasons = []
-    entries = manifest.get("models") or [manifest]
+    entries = manifest.entries
     for entry in entries:
-        acc = entry.get("accuracy") or {}
-        prefix = f"{entry.get('model_file')}: " if len(entries) > 1 else ""
-        failed = [c["problem"] for c in (acc.get("outputs") or {}).values() if not c.get("passed")]
+        prefix = f"{entry.model_file}: " if len(entries) > 1 else ""
+        failed = [c["problem"] for c in (entry.accuracy.outputs or {}).values() if not c.get("passed")]
         reasons += [prefix + p for p in failed]
     return "; ".join(reasons)

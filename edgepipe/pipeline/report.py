@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgepipe.core.manifest import Manifest, ModelEntry
 from edgepipe.core.result import TargetResult
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -28,7 +29,7 @@ def _e(value: Any) -> str:
 def _scatter(results: list[TargetResult]) -> str:
     """Size (x) vs p50 latency (y), each target a labelled dot with its metric value."""
     pts = [
-        (r, m, int(m.get("size", {}).get("model_bytes", 0)) / 1024, m.get("latency", {}).get("p50_ms", 0.0))
+        (r, m, int(m.size.model_bytes) / 1024, (m.latency or {}).get("p50_ms", 0.0), len(_models(r.manifest)) == 1)
         for r in results if r.manifest for m in _models(r.manifest)
     ]
     if not pts:
@@ -48,13 +49,13 @@ def _scatter(results: list[TargetResult]) -> str:
         y = plot_h - pad - (plot_h - pad - 10) * i / 4
         parts.append(f'<text x="{x}" y="{plot_h - pad + 14}" text-anchor="middle" font-size="10">{fx:.0f}</text>')
         parts.append(f'<text x="{pad - 4}" y="{y + 3}" text-anchor="end" font-size="10">{fy:.3g}</text>')
-    for i, (r, m, sx, sy) in enumerate(pts):
+    for i, (r, m, sx, sy, only) in enumerate(pts):
         x = pad + (w - pad - 10) * sx / xmax
         y = plot_h - pad - (plot_h - pad - 10) * sy / ymax
-        acc = m.get("accuracy", {})
+        acc = m.accuracy
         color = COLORS[i % len(COLORS)]
-        name = r.target if m is r.manifest or m.get("model_file") == "model.onnx" else f"{r.target} {m.get('model_file', '').removeprefix('model.').removesuffix('.onnx')}"
-        label = f"{name} ({acc.get('metric', '')} {acc.get('value', 0):.3f})"
+        name = r.target if only or m.model_file == "model.onnx" else f"{r.target} {m.label}"
+        label = f"{name} ({acc.metric} {acc.value:.3f})"
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="{color}" stroke="{"#070" if r.passed else "#b00"}" stroke-width="2"/>')
         parts.append(f'<text x="{x:.1f}" y="{y + 4:.1f}" font-size="9" fill="#fff" text-anchor="middle">{i + 1}</text>')
         ly = plot_h + 4 + 18 * i  # legend: number, color, name, metric, size, latency
@@ -93,9 +94,9 @@ def _bars(title: str, rows: list[tuple[str, float]], unit: str = "", ref: float 
     return "".join(parts)
 
 
-def _models(manifest: dict) -> list[dict]:
+def _models(manifest: dict) -> tuple[ModelEntry, ...]:
     """Every model a folder ships (a gpu folder has an fp16 and an int8 model), each with its own checks."""
-    return manifest.get("models") or [manifest]
+    return Manifest.from_json(manifest).entries
 
 
 def _summary_table(results: list[TargetResult]) -> str:
@@ -103,14 +104,14 @@ def _summary_table(results: list[TargetResult]) -> str:
     for r in results:
         status = "<span class='ok'>passed</span>" if r.passed else f"<span class='bad'>FAILED</span> {_e(r.error or '')}"
         for i, m in enumerate(_models(r.manifest)):
-            acc, lat, size = m.get("accuracy", {}), m.get("latency", {}), m.get("size", {})
+            acc, lat, size = m.accuracy, m.latency or {}, m.size
             rows.append(
-                f"<tr><td>{_e(r.target) if i == 0 else ''}</td><td>{status if i == 0 else ''}</td><td>{_e(m.get('model_file', ''))}</td>"
-                f"<td>{size.get('model_bytes', 0) / 1024:,.1f} KiB ({size.get('ratio', 0):.0%} of fp32)</td>"
-                f"<td>{_e(acc.get('metric', ''))}: {acc.get('reference', 0):.4f} → {acc.get('value', 0):.4f} "
-                f"(drop {acc.get('drop', 0):+.4f}; budget {_e(acc.get('budget', {}))}; {_e(acc.get('data', ''))} data, {acc.get('samples', 0)} samples)</td>"
+                f"<tr><td>{_e(r.target) if i == 0 else ''}</td><td>{status if i == 0 else ''}</td><td>{_e(m.model_file)}</td>"
+                f"<td>{size.model_bytes / 1024:,.1f} KiB ({size.ratio:.0%} of fp32)</td>"
+                f"<td>{_e(acc.metric)}: {acc.reference:.4f} → {acc.value:.4f} "
+                f"(drop {acc.drop:+.4f}; budget {_e(acc.budget or {})}; {_e(acc.data)} data, {acc.samples} samples)</td>"
                 f"<td>{lat.get('p50_ms', 0):.3f} / {lat.get('p90_ms', 0):.3f}</td>"
-                f"<td>{_e(', '.join(m.get('runtime', {}).get('providers', [])))}</td></tr>"
+                f"<td>{_e(', '.join(m.runtime.providers or []))}</td></tr>"
             )
     head = "<tr><th>target</th><th>status</th><th>file</th><th>size</th><th>accuracy (reference → artifact)</th><th>p50 / p90 ms (b1)</th><th>ran on</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
@@ -195,11 +196,12 @@ def _distill_section(results: list[TargetResult]) -> str:
 
 def write_report(root: Path, name: str, results: list[TargetResult]) -> Path:
     acc_rows = [
-        (r.target if len(_models(r.manifest)) == 1 else f"{r.target} {m.get('model_file', '')}", float(m.get("accuracy", {}).get("value", 0)))
+        (r.target if len(_models(r.manifest)) == 1 else f"{r.target} {m.model_file}", float(m.accuracy.value))
         for r in results if r.manifest for m in _models(r.manifest)
     ]
-    ref = next((r.manifest["accuracy"]["reference"] for r in results if r.manifest.get("accuracy")), None)
-    metric = next((r.manifest["accuracy"]["metric"] for r in results if r.manifest.get("accuracy")), "")
+    primaries = [Manifest.from_json(r.manifest).primary for r in results if r.manifest.get("accuracy")]
+    ref = next((m.accuracy.reference for m in primaries), None)
+    metric = next((m.accuracy.metric for m in primaries), "")
     plots = (f"<div class='plots'><figure>{_scatter(results)}<figcaption>size vs latency (dot outline: green passed, red failed)</figcaption></figure>"
              f"<figure>{_bars('accuracy', acc_rows, ref=ref, zoom=True)}<figcaption>{_e(metric)} per target (axis zoomed); dashed: reference model</figcaption></figure></div>")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>edgepipe: {_e(name)}</title>"

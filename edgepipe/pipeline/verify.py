@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from edgepipe.core.artifact import GOLDEN, MANIFEST, hash_tree, load_golden, manifest_digest, read_manifest
+from edgepipe.core.artifact import MANIFEST, hash_tree, load_golden, manifest_digest, read_manifest
+from edgepipe.core.manifest import Manifest, ModelEntry
 from edgepipe.core.runtime import Runner
 from edgepipe.sources.accuracy import compare
 
@@ -56,30 +57,26 @@ def _check_files(folder: Path, expected: dict[str, str]) -> Check:
     return Check("files", not problems, "; ".join(problems) or f"{len(actual)} files match their sha256")
 
 
-def _check_golden(folder: Path, manifest: dict) -> list[Check]:
+def _check_golden(folder: Path, data: dict) -> list[Check]:
     """Golden I/O for every model the folder ships (``models``), or its one ``model_file``."""
-    if manifest.get("task") == "text-generation":  # a decoder: replay the golden prompts' greedy tokens
+    manifest = Manifest.from_json(data)
+    if manifest.is_decoder:  # a decoder: replay the golden prompts' greedy tokens
         from edgepipe.pipeline.decoder.replay import replay
 
         return [Check(name, ok, detail) for name, ok, detail in replay(folder, manifest)]
-    models = manifest.get("models") or [manifest]
+    models = manifest.entries
     checks = []
     for entry in models:
-        prefix = f"{entry['model_file']}:" if len(models) > 1 else ""
+        prefix = f"{entry.model_file}:" if len(models) > 1 else ""
         checks.extend(_check_model(folder, entry, prefix))
     return checks
 
 
-def _check_model(folder: Path, entry: dict, prefix: str) -> list[Check]:
-    runtime = entry.get("runtime", {})
-    golden = entry.get("golden", {})
+def _check_model(folder: Path, entry: ModelEntry, prefix: str) -> list[Check]:
+    golden = entry.golden
     start = time.perf_counter()
-    runner = Runner(
-        folder / entry["model_file"],
-        providers=runtime.get("providers"),
-        session_config=runtime.get("session_config"),
-    )
-    name = golden.get("file", GOLDEN)
+    runner = Runner(folder / entry.model_file, providers=entry.runtime.providers, session_config=entry.runtime.session_config)
+    name = golden.file
     try:
         inputs, expected, _ = load_golden(folder / name)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # pickled or corrupt: never unpickled, never trusted
@@ -87,7 +84,7 @@ def _check_model(folder: Path, entry: dict, prefix: str) -> list[Check]:
     got = runner.run_samples(inputs)
     checks = []
     for name, want in expected.items():
-        cmp = compare(got[name], want, golden.get("atol", 1e-4), golden.get("rtol", 1e-3))
+        cmp = compare(got[name], want, golden.atol, golden.rtol)
         detail = f"max abs {cmp['max_abs']:.3g}, max rel {cmp['max_rel']:.3g} (atol {golden.get('atol')}, rtol {golden.get('rtol')}) on {runner.providers[0]}"
         checks.append(Check(f"golden:{prefix}{name}", bool(cmp["passed"]), detail, time.perf_counter() - start))
     return checks

@@ -37,6 +37,10 @@ from edgepipe.core.result import CRASHED, ERROR, PASSED, TargetResult
 from edgepipe.pipeline.build import build, failure
 
 EXECUTORS = ("local", "inprocess", "ray")
+# Imported once, in the forkserver, rather than in every child: the build, and torch's ONNX exporter (dynamo,
+# torch.export, onnxscript's torchlib), which the build imports on its first export. A name this torch lacks is skipped.
+PRELOAD = ["edgepipe.pipeline.build", "torch.onnx._internal.exporter._core", "torch.export._trace", "torch._dynamo",
+           "onnxscript.function_libs.torch_lib.ops"]
 Done = Callable[[TargetResult], None]
 
 
@@ -201,7 +205,7 @@ def _run_children(plan: Plan, jobs: int, retries: int, done: Done, log_stream: s
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["edgepipe.pipeline.build"])  # torch & co. imported once, in the server
+    ctx.set_forkserver_preload(list(PRELOAD))  # before the server starts (the first build of this process)
     queue = collections.deque(_groups(plan.units, per_recipe=jobs <= 1))
     attempts: collections.Counter[Unit] = collections.Counter()
     results: list[TargetResult] = []

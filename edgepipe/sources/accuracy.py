@@ -30,16 +30,22 @@ def _top1(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
-    return a.reshape(len(a), -1).astype(np.float64)
+    return a.reshape(len(a), -1).astype(np.float64) if a.ndim else a.reshape(1, 1).astype(np.float64)
 
 
 def cosine_per_sample(cand: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine of each sample's values (the one cosine of the accuracy metric and the every-output check), in [-1, 1].
+
+    A candidate row with NaN/Inf scores -1 (never passes); two all-zero rows agree (1.0); one all-zero row
+    against a non-zero one does not (0.0).
+    """
     c, r = _rows(cand), _rows(ref)
     finite = np.isfinite(c).all(1)
     c = np.where(finite[:, None], c, 0.0)
-    den = np.linalg.norm(c, axis=1) * np.linalg.norm(r, axis=1)
-    cos = np.where(den > 0, (c * r).sum(1) / np.maximum(den, 1e-30), 0.0)
-    return np.where(finite & np.isfinite(cos), cos, -1.0)  # NaN never passes
+    nc, nr = np.linalg.norm(c, axis=1), np.linalg.norm(r, axis=1)
+    cos = np.where(nc * nr > 0, (c * r).sum(1) / np.maximum(nc * nr, 1e-300), 0.0)
+    cos = np.where((nc == 0) & (nr == 0), 1.0, np.clip(cos, -1.0, 1.0))
+    return np.where(finite & np.isfinite(cos), cos, -1.0)
 
 
 def _cosine(cand: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:

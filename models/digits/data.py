@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,14 +11,22 @@ SEED = 0
 TEST_SHARE = 0.2
 
 
-def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test); images float32 [N, 1, 8, 8] in [0, 1]."""
+@functools.cache
+def _load() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (images, labels), parsed once per process: a build reads the data several times."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
-    y = digits.target.astype(np.int64)
+    return digits.images, digits.target
+
+
+def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test); images float32 [N, 1, 8, 8] in [0, 1]; new arrays every call."""
+    from sklearn.model_selection import train_test_split
+
+    images, target = _load()
+    x = (images / 16.0).astype(np.float32)[:, None, :, :]
+    y = target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=TEST_SHARE, random_state=SEED, stratify=y
     )

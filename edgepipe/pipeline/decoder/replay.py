@@ -11,15 +11,12 @@ from typing import Any
 import numpy as np
 
 from edgepipe.core.errors import BadInput
+from edgepipe.core.manifest import Manifest, ModelEntry
 from edgepipe.pipeline.decoder.bench import bench_decoder
 from edgepipe.pipeline.decoder.metrics import greedy, matched
 from edgepipe.pipeline.decoder.runtime import OrtDecoder
 
 logger = logging.getLogger(__name__)
-
-
-def is_decoder_artifact(manifest: dict[str, Any]) -> bool:
-    return manifest.get("task") == "text-generation"
 
 
 def load_prompts(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -29,20 +26,20 @@ def load_prompts(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return [npz[f"prompt/{i}"] for i in range(n)], [npz[f"tokens/{i}"] for i in range(n)]
 
 
-def replay(folder: Path, manifest: dict[str, Any], threads: int | None = None) -> list[tuple[str, bool, str]]:
+def replay(folder: Path, manifest: Manifest, threads: int | None = None) -> list[tuple[str, bool, str]]:
     """(name, passed, detail) per check: every model's greedy tokens on every golden prompt equal the stored ones."""
-    models = manifest.get("models") or [manifest]  # a gpu folder: the fp16 and the int4 model, each with its golden file
-    return [r for entry in models for r in _replay_one(folder, entry, threads, f"{entry['model_file']}:" if len(models) > 1 else "")]
+    entries = manifest.entries  # a gpu folder: the fp16 and the int4 model, each with its golden file
+    return [r for entry in entries for r in _replay_one(folder, entry, threads, f"{entry.model_file}:" if len(entries) > 1 else "")]
 
 
-def _replay_one(folder: Path, entry: dict[str, Any], threads: int | None, prefix: str) -> list[tuple[str, bool, str]]:
-    golden = entry.get("golden", {})
+def _replay_one(folder: Path, entry: ModelEntry, threads: int | None, prefix: str) -> list[tuple[str, bool, str]]:
+    golden = entry.golden
     try:
-        prompts, expected = load_prompts(folder / golden.get("file", "golden.npz"))
+        prompts, expected = load_prompts(folder / golden.file)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         return [(f"golden:{prefix}", False, f"{golden.get('file')} is unreadable or corrupt: {exc}")]
-    providers = entry.get("runtime", {}).get("providers")  # the ones the golden tokens were made on
-    dec = OrtDecoder(folder / entry["model_file"], threads=threads or golden.get("threads"), providers=providers)
+    providers = entry.runtime.providers  # the ones the golden tokens were made on
+    dec = OrtDecoder(folder / entry.model_file, threads=threads or golden.get("threads"), providers=providers)
     eos = [int(t) for t in golden.get("eos_token_ids", [])]
     start = time.perf_counter()
     results = []
@@ -54,16 +51,16 @@ def _replay_one(folder: Path, entry: dict[str, Any], threads: int | None, prefix
     return results
 
 
-def bench(folder: Path, manifest: dict[str, Any], threads: int | None, prefill_tokens: int, decode_tokens: int, runs: int) -> dict[str, Any]:
-    prompts, _ = load_prompts(folder / manifest.get("golden", {}).get("file", "golden.npz"))
+def bench(folder: Path, manifest: Manifest, threads: int | None, prefill_tokens: int, decode_tokens: int, runs: int) -> dict[str, Any]:
+    prompts, _ = load_prompts(folder / manifest.primary.golden.file)
     if not prompts:
         raise BadInput(f"{folder}: golden.npz holds no prompts; rebuild the artifact")
-    dec = OrtDecoder(folder / manifest["model_file"], threads=threads)
+    dec = OrtDecoder(folder / manifest.primary.model_file, threads=threads)
     return {"artifact": str(folder), "providers": dec.session.get_providers(),
             **bench_decoder(dec, np.concatenate(prompts), prefill_tokens, decode_tokens, runs)}
 
 
-def bench_cli(folder: Path, manifest: dict[str, Any], args: Any) -> int:
+def bench_cli(folder: Path, manifest: Manifest, args: Any) -> int:
     """``edgepipe bench`` on a decoder artifact: prefill ms, time to first token, decode tokens/s, peak RSS."""
     import json
 

@@ -2,10 +2,16 @@
 
 Both expose ``logits(ids) -> (T, vocab)`` (one sequence, empty cache: teacher forcing) and
 ``start(prompt) -> logits`` / ``step(token) -> logits`` (generation with a cache).
+
+The graph's I/O is what onnxruntime-genai's model builder writes (and edgepipe's decoder export follows):
+``input_ids`` and ``attention_mask`` (batch, total length), optional ``position_ids``, per layer
+``past_key_values.N.key|value`` (batch, kv_heads, past_length, head_size) in, ``logits`` and ``present.N.key|value``
+out. An empty past (length 0) is a prefill.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -14,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from edgepipe.core.runtime import session
+from edgepipe.core.errors import BadInput
+from edgepipe.core.runtime import ORT_DTYPES, session
 
 logger = logging.getLogger(__name__)
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
@@ -23,21 +30,43 @@ PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 CHECK_THREADS = 1
 
 
+def _head_size(path: str | Path | bytes, shape: list) -> int:
+    if isinstance(shape[-1], int):
+        return shape[-1]
+    if isinstance(path, bytes):
+        raise BadInput("the head size of the KV cache is not fixed in the model; give head_size")
+    config = Path(path).parent / "genai_config.json"  # the genai builder leaves the head size symbolic ('kv_cache_dim')
+    if config.exists():
+        return int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+    raise BadInput(f"{path}: the head size of the KV cache is not fixed in the model and there is no genai_config.json "
+                   "beside it; give head_size")
+
+
 class OrtDecoder:
     """A decoder graph (input_ids, attention_mask[, position_ids], past_key_values.N.key|value) on ORT."""
 
-    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 session_config: dict[str, str] | None = None) -> None:
+    def __init__(self, path: str | Path | bytes, threads: int | None = None, providers: list[str] | None = None,
+                 session_config: dict[str, str] | None = None, head_size: int | None = None) -> None:
+        """``path``: the model file, or its serialized bytes (then a symbolic head size must be given)."""
         start = time.perf_counter()
         self.session = session(path, providers, threads=threads, config=session_config)
         self.load_seconds = time.perf_counter() - start
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        where = "the model" if isinstance(path, bytes) else str(path)
+        for required in ("input_ids", "attention_mask"):
+            if required not in self.inputs:
+                raise BadInput(f"{where}: not a decoder with a KV cache (no {required!r} input; inputs: {sorted(self.inputs)})")
         pasts = sorted((int(m[1]), m[2], name) for name in self.inputs if (m := PAST.fullmatch(name)))
+        self.keys = [(str(layer), kind) for layer, kind, _ in pasts]  # ("0", "key"), ("0", "value"), ...
         self.past_names = [name for _, _, name in pasts]
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        outputs = {o.name for o in self.session.get_outputs()}
+        if not self.past_names or not set(self.present_names) <= outputs or "logits" not in outputs:
+            raise BadInput(f"{where}: past_key_values inputs and present outputs do not pair up (or no 'logits' output)")
+        self.output_names = ["logits", *self.present_names]
         first = self.inputs[self.past_names[0]]
-        self.kv_heads, self.head_size = int(first.shape[1]), int(first.shape[3])
-        self.dtype = np.float16 if "float16" in first.type else np.float32
+        self.kv_heads, self.head_size = int(first.shape[1]), head_size or _head_size(path, first.shape)
+        self.dtype = ORT_DTYPES.get(first.type, np.float32)
         self.past: list[np.ndarray] = []
         self.length = 0
 
@@ -53,7 +82,7 @@ class OrtDecoder:
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.broadcast_to(np.arange(done, done + seq, dtype=np.int64), (batch, seq)).copy()
         feed.update(zip(self.past_names, past, strict=True))
-        out = self.session.run(None, feed)
+        out = self.session.run(self.output_names, feed)
         return out[0], out[1:]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
