@@ -8,8 +8,11 @@ torchvision must not go into the test env (it breaks transformers imports): the 
 throwaway venv, /tmp/edgepipe-zoo-venv (created on first use: the current env's packages through a .pth,
 plus `pip install --no-deps torchvision==0.28.0`). Its PyPI build's compiled ops don't load with the CPU
 torch; the model definitions don't need them, so the factory stubs torchvision._meta_registrations.
-Text: random-weight 2-layer Hugging Face models (MiniLM's tokenizer, `task: feature-extraction`, the MiniLM
-recipe's text files), built in this env. A benchmark, not a test: the table goes to stdout (and --json).
+Text: random-weight Hugging Face models at the size of the edge text models people ship (all-MiniLM-L6-v2's
+shape: 6 layers, hidden 384, 12 heads, FFN 1536; ALBERT and ELECTRA with their 128-wide factorised
+embeddings), MiniLM's tokenizer, `task: feature-extraction`, the MiniLM recipe's text files, built in this
+env. A benchmark, not a test: the table goes to stdout (and --json), then the geometric mean of float/int8
+over the cpu and mobile artifacts.
 """
 
 from __future__ import annotations
@@ -152,18 +155,20 @@ def text_recipe(folder: Path, kind: str, quick: bool, targets: list[str]) -> Pat
     (folder / "model").mkdir(parents=True, exist_ok=True)
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(source / f, folder / "model" / f)
-    common = {"vocab_size": 30522, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 514}
+    # all-MiniLM-L6-v2's shape (the edge text model people ship): 6 layers, hidden 384, 12 heads, FFN 1536
+    common = {"vocab_size": 30522, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
+              "max_position_embeddings": 514, "hidden_size": 384}
     configs = {
-        "bert": (T.BertConfig, T.BertModel, {"hidden_size": 128}), "roberta": (T.RobertaConfig, T.RobertaModel, {"hidden_size": 128}),
-        "electra": (T.ElectraConfig, T.ElectraModel, {"hidden_size": 128, "embedding_size": 64}),
-        "albert": (T.AlbertConfig, T.AlbertModel, {"hidden_size": 128, "embedding_size": 64}),
-        "deberta_v2": (T.DebertaV2Config, T.DebertaV2Model, {"hidden_size": 128}),
-        "xlm_roberta": (T.XLMRobertaConfig, T.XLMRobertaModel, {"hidden_size": 128}),
-        "mpnet": (T.MPNetConfig, T.MPNetModel, {"hidden_size": 128}),
+        "bert": (T.BertConfig, T.BertModel, {}), "roberta": (T.RobertaConfig, T.RobertaModel, {}),
+        "electra": (T.ElectraConfig, T.ElectraModel, {"embedding_size": 128}),
+        "albert": (T.AlbertConfig, T.AlbertModel, {"embedding_size": 128}),
+        "deberta_v2": (T.DebertaV2Config, T.DebertaV2Model, {}),
+        "xlm_roberta": (T.XLMRobertaConfig, T.XLMRobertaModel, {}),
+        "mpnet": (T.MPNetConfig, T.MPNetModel, {}),
     }
     torch.manual_seed(0)
     if kind == "distilbert":
-        cfg = T.DistilBertConfig(vocab_size=30522, n_layers=2, n_heads=4, dim=128, hidden_dim=256)
+        cfg = T.DistilBertConfig(vocab_size=30522, n_layers=6, n_heads=12, dim=384, hidden_dim=1536)
         T.DistilBertModel(cfg).save_pretrained(folder / "model")
     else:
         cfg_cls, model_cls, extra = configs[kind]
@@ -188,7 +193,7 @@ def build(python: str, recipe: Path, out: Path) -> dict:
     except ValueError:
         tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return {"exit": proc.returncode, "seconds": seconds, "error": tail[:200], "targets": []}
-    return {"exit": proc.returncode, "seconds": seconds, "targets": summary["targets"]}
+    return {"exit": proc.returncode, "seconds": seconds, "targets": summary.get("units") or summary.get("targets") or []}
 
 
 def rows(name: str, result: dict, out: Path) -> list[dict]:
@@ -247,9 +252,23 @@ def main() -> int:
 
         print(f"| {r['model']} | {r['target']} | {r['status']} | {f('metric', '{:.4f}')} | {f('size_ratio', '{:.0%}')} | "
               f"{f('p50_ms', '{:.2f}')} | {f('float_p50_ms', '{:.2f}')} | {f('speedup', '{:.2f}x')} | {f('seconds', '{:.0f}')} |")
+    print(geomean_line(table))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
     return 0
+
+
+def geomean_line(table: list[dict]) -> str:
+    """Geometric mean of float/int8 over the cpu and mobile artifacts (per target too), and what it leaves out."""
+    ratios = {t: [r["speedup"] for r in table if r["target"] == t and r.get("speedup")] for t in ("cpu", "mobile")}
+    every = ratios["cpu"] + ratios["mobile"]
+    if not every:
+        return "geometric mean float/int8: no cpu/mobile artifact timed"
+    g = {k: float(np.exp(np.mean(np.log(v)))) if v else float("nan") for k, v in {"all": every, **ratios}.items()}
+    missing = sum(1 for r in table if r["target"] in ("cpu", "mobile", "-") and not r.get("speedup"))
+    return (f"geometric mean float/int8 over {len(every)} cpu+mobile artifacts: {g['all']:.2f}x "
+            f"(cpu {g['cpu']:.2f}x over {len(ratios['cpu'])}, mobile {g['mobile']:.2f}x over {len(ratios['mobile'])}); "
+            f"{missing} cpu/mobile rows without a timing (failed builds)")
 
 
 if __name__ == "__main__":

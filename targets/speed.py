@@ -30,7 +30,7 @@ from edgepipe.targets.base import Target, TargetContext
 
 logger = logging.getLogger(__name__)
 
-QUANTIZE = ("quantize.static", "quantize.dynamic")
+QUANTIZE = ("quantize.static", "quantize.dynamic", "quantize.auto")  # quantize.auto: the budget fallback's step too
 # int8 counts as slower only past both: a relative margin over the timing noise (interleaved medians on a
 # shared 2-core machine spread by ~3 %), and an absolute one (a tiny model is dispatch-bound: µs either way).
 MARGIN = 0.05
@@ -101,6 +101,14 @@ def quantize_index(chain: list[dict[str, Any]]) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
+def excluding(entry: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The quantize step with ``names`` added to its nodes_to_exclude (quantize.auto: its inner pass's options)."""
+    entry = dict(entry)
+    holder = entry["options"] = dict(entry.get("options", {})) if entry.get("name") == "quantize.auto" else entry
+    holder["nodes_to_exclude"] = list(dict.fromkeys([*holder.get("nodes_to_exclude", []), *names]))
+    return entry
+
+
 def time_artifacts(paths: list[Path], target: Target, sample: dict[str, np.ndarray], seconds: float = 2.0, threads: int = 1) -> list[float]:
     """Median ms per call of each model on one sample; calls alternate model by model, so contention on a
     shared machine hits all alike. One thread: a ranking under load, not the device's absolute latency."""
@@ -152,9 +160,7 @@ def run_chain(
             return int8_model, head + tail
         exclude = slow_nodes(float_model)
         if exclude:
-            entry = dict(chain[q])
-            entry["nodes_to_exclude"] = list(dict.fromkeys([*entry.get("nodes_to_exclude", []), *exclude]))
-            partial, partial_tail = run_passes([entry, *chain[q + 1 :]], pctx, float_model)
+            partial, partial_tail = run_passes([excluding(chain[q], exclude), *chain[q + 1 :]], pctx, float_model)
             float_ms, partial_ms = timer([float_path, emit(partial, "partial")], target, sample)
             speed.update(partial_ms=partial_ms, float_ms_retimed=float_ms, kept_float=len(exclude))
             if not slower(partial_ms, float_ms):
