@@ -104,7 +104,9 @@ def quantize_index(chain: list[dict[str, Any]]) -> int | None:
 def excluding(entry: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """The quantize step with ``names`` added to its nodes_to_exclude (quantize.auto: its inner pass's options)."""
     entry = dict(entry)
-    holder = entry["options"] = dict(entry.get("options", {})) if entry.get("name") == "quantize.auto" else entry
+    holder = entry
+    if entry.get("name") == "quantize.auto":
+        holder = entry["options"] = dict(entry.get("options", {}))
     holder["nodes_to_exclude"] = list(dict.fromkeys([*holder.get("nodes_to_exclude", []), *names]))
     return entry
 
