@@ -1,10 +1,10 @@
-"""Rank the nodes of a QDQ int8 graph by the quantization noise they read: one probe run, no per-node evaluation.
+"""Rank the nodes of a QDQ int8 graph by the error each adds: one probe run, no per-node evaluation.
 
-For each node the quantizer changed, every input it now reads through a DequantizeLinear is compared with
-the float tensor that was quantized (the activation as the int8 graph computed it, or the float weight):
-noise = ||dq(q(x)) - x||² / ||x||², summed over the node's inputs. That is the error the node stops reading
-when it is kept in float (``autoquant.keep_float``), measured in one run of the int8 graph on a few
-calibration samples, where a per-node sensitivity needs one evaluation per node (ViT-B/16: ~150 runs).
+Each node the quantizer changed is copied into the int8 graph once more, in float: the copy reads the float
+tensors the int8 graph computes (what the node reads once ``autoquant.keep_float`` restores it) and the float
+weights. One run of that graph on a few calibration samples gives, per node, the error its int8 form adds,
+||y_int8 - y_float||² / ||y_float||² at its output: what keeping it alone in float removes. A per-node
+sensitivity needs one evaluation per node instead (ViT-B/16: ~150 model runs with a session each).
 """
 
 from __future__ import annotations
@@ -16,53 +16,68 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from edgepipe.core.runtime import exposed
 from edgepipe.passes.base import Batch
 
 logger = logging.getLogger(__name__)
+FLOAT = "__edgepipe_float"
 
 
-def pairs(fproto: onnx.ModelProto, qproto: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, list[tuple[str, str]]] | None:
-    """Per node: (float tensor, the DequantizeLinear output the int8 graph feeds in its place) for each changed input.
-
-    None when the int8 graph is not QDQ (another op type in a node's place: dynamic quantization's MatMulInteger).
-    """
-    producer = {o: n for n in qproto.graph.node for o in n.output}
-    found: dict[str, list[tuple[str, str]]] = {}
+def with_float_copies(fproto: onnx.ModelProto, qproto: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """The int8 graph plus a float copy of each node (outputs and float weights renamed), and per node the
+    (int8 output, float copy's output) pair; a node reading a tensor the int8 graph lacks gets no copy."""
+    out = onnx.ModelProto()
+    out.CopyFrom(qproto)
+    graph = out.graph
+    defined = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    weights = {i.name: i for i in fproto.graph.initializer}
+    added: set[str] = set()
+    compared: dict[str, tuple[str, str]] = {}
     for node in nodes:
-        q = producer.get(node.output[0])
-        if q is None or q.op_type != node.op_type or len(q.input) != len(node.input):
-            return None
-        found[node.name] = [
-            (f, qi) for f, qi in zip(node.input, q.input, strict=True)
-            if f and qi != f and qi in producer and producer[qi].op_type == "DequantizeLinear"
-        ]
-    return found
+        if not node.output or node.output[0] not in defined:
+            continue
+        inputs = []
+        for name in node.input:
+            if name in weights:  # the float weight under its own name: the int8 graph may reuse the name (a DQ'd bias)
+                if name not in added:
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(weights[name])
+                    tensor.name = name + FLOAT
+                    graph.initializer.append(tensor)
+                    added.add(name)
+                inputs.append(name + FLOAT)
+            elif not name or name in defined:
+                inputs.append(name)
+            else:
+                break
+        else:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = node.name + FLOAT
+            del copy.input[:]
+            copy.input.extend(inputs)
+            del copy.output[:]
+            copy.output.extend(o + FLOAT if o else o for o in node.output)
+            graph.node.append(copy)
+            compared[node.name] = (node.output[0], node.output[0] + FLOAT)
+    return out, compared
 
 
 def noise(fproto: onnx.ModelProto, qproto: onnx.ModelProto, nodes: list[onnx.NodeProto], batches: Iterable[Batch],
           max_samples: int, workdir: Path | None = None) -> list[float] | None:
-    """Quantization noise each node reads in the int8 graph (see the module doc), in order; None if not QDQ."""
-    found = pairs(fproto, qproto, nodes)
-    if found is None:
+    """The error each node's int8 form adds (see the module doc), in order; None when no node could be compared."""
+    probe, compared = with_float_copies(fproto, qproto, nodes)
+    if not compared:
         return None
-    weights = {i.name: i for i in fproto.graph.initializer}
-    inputs = {i.name for i in qproto.graph.input}
-    names = [n for pair in found.values() for f, q in pair for n in (q, f) if n not in weights and n not in inputs]
-    err: dict[tuple[str, str], float] = {}
-    energy: dict[tuple[str, str], float] = {}
-    for feed, out in exposed(qproto, names, batches, workdir=workdir, max_samples=max_samples,
-                                opt_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
-        values = {**feed, **out}
-        for pair in found.values():
-            for f, q in pair:
-                ref = numpy_helper.to_array(weights[f]) if f in weights else values.get(f)
-                got = values.get(q)
-                if ref is None or got is None or ref.shape != got.shape:
-                    continue
-                ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-                err[f, q] = err.get((f, q), 0.0) + float(np.sum((got64 - ref64) ** 2))
-                energy[f, q] = energy.get((f, q), 0.0) + float(np.sum(ref64**2))
-    return [sum(err.get(p, 0.0) / max(energy.get(p, 0.0), 1e-30) for p in found[node.name]) for node in nodes]
+    names = [n for pair in compared.values() for n in pair]
+    err: dict[str, float] = {}
+    energy: dict[str, float] = {}
+    for _feed, out in exposed(probe, names, batches, workdir=workdir, max_samples=max_samples,
+                              opt_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        for node, (q, f) in compared.items():
+            got, ref = out[q].astype(np.float64), out[f].astype(np.float64)
+            if got.shape == ref.shape:
+                err[node] = err.get(node, 0.0) + float(np.sum((got - ref) ** 2))
+                energy[node] = energy.get(node, 0.0) + float(np.sum(ref**2))
+    return [err.get(n.name, 0.0) / max(energy.get(n.name, 0.0), 1e-30) for n in nodes]
