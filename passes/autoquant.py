@@ -25,6 +25,7 @@ METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic, "tensorrt": Qua
 # ops worth keeping in float: the ones with weights and int8 kernels (not Relu/MaxPool/Reshape around them)
 CANDIDATES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Attention", "EmbedLayerNormalization", "Gather", "LSTM", "GRU"]
 DEAD = "__edgepipe_quantized"
+FLOAT = "__edgepipe_float"
 PER_NODE_MAX = 24
 
 
@@ -105,14 +106,22 @@ def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: 
             q.output[j] = q.output[j] + DEAD
         if hit:
             q.name = q.name + DEAD
+    made = {o for n in graph.node for o in n.output}  # a float weight's name may be a DequantizeLinear output here (ORT's biases)
     for node in restored:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        graph.node.append(copy)
-        for inp in node.input:
-            if inp and inp not in defined and inp in float_inits:
-                graph.initializer.append(float_inits[inp])
-                defined.add(inp)
+        for j, inp in enumerate(node.input):
+            if not inp or inp not in float_inits:
+                continue
+            name = inp + FLOAT if inp in made else inp
+            copy.input[j] = name
+            if name not in defined:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(float_inits[inp])
+                tensor.name = name
+                graph.initializer.append(tensor)
+                defined.add(name)
+        graph.node.append(copy)  # a copy of ``copy``: appended once its inputs are final
     _toposort(graph)
     _prune(graph)
     return out

@@ -11,7 +11,7 @@ import torch
 from user_factories import outlier_mlp
 
 from edgepipe.passes import PassContext, create
-from edgepipe.passes.autoquant import quantized_nodes
+from edgepipe.passes.autoquant import keep_float, quantized_nodes
 from edgepipe.passes.quant_noise import noise
 from edgepipe.passes.quantize import QuantizeStatic
 
@@ -68,3 +68,13 @@ def test_probe_ranking_searches_with_a_few_evaluations(tmp_path, mlp):
     assert len(calls) == len(stats["steps"]) < len(stats["sensitivity"]) + 1
     assert 0 < len(stats["kept_float"]) < len(stats["sensitivity"])
     assert _outputs(result.model, _data(4, 7)).shape == (4, 4)
+
+
+def test_keep_float_of_every_node_is_the_float_model(tmp_path, mlp):
+    """Restored nodes read float weights, biases included (ORT names a bias's DequantizeLinear output as the bias)."""
+    ctx = _context(tmp_path, mlp, [])
+    fproto = ir.to_proto(mlp)
+    qproto = ir.to_proto(QuantizeStatic(QuantizeStatic.Config(extra_options={"QDQKeepRemovableActivations": True}), ctx)(mlp).model)
+    restored = keep_float(qproto, fproto, [n.name for n in quantized_nodes(fproto, qproto, None)])
+    x = _data(8, 3)
+    np.testing.assert_array_equal(_outputs(restored, x), _outputs(mlp, x))
