@@ -188,6 +188,7 @@ def build(python: str, recipe: Path, out: Path) -> dict:
     proc = subprocess.run([python, "-m", "edgepipe", "build", str(recipe), "-o", str(out), "--json", "--force"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - start
+    (recipe.parent / "build.log").write_text(proc.stderr)  # the build's log: each pass with its seconds
     try:
         summary = json.loads(proc.stdout)
     except ValueError:
