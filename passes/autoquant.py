@@ -26,7 +26,7 @@ METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic, "tensorrt": Qua
 CANDIDATES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Attention", "EmbedLayerNormalization", "Gather", "LSTM", "GRU"]
 DEAD = "__edgepipe_quantized"
 FLOAT = "__edgepipe_float"
-PER_NODE_MAX = 24
+PER_NODE_MAX = 64  # per-node evaluations up to here (MiniLM's recipe: 39 MatMuls); one probe run beyond
 
 
 class AutoConfig(PassConfig):
