@@ -173,7 +173,8 @@ def run_chain(
         logger.info(f"  speed {why}")
         # Not a quantize entry: nothing in the shipped model is quantized (golden tolerance, speed warning).
         record = {"name": "speed.check", "params": {"dropped": chain[q]}, "modified": True,
-                  "stats": {"summary": why, "warning": f"{target.name}: {why}", "speed": {**speed, "choice": "float"}}}
+                  "stats": {"summary": why, "warning": f"{target.name}: {why}", "speed": {**speed, "choice": "float"},
+                            "int8": tail[0]["stats"].get("summary")}}  # what the dropped step had done (quantize.auto: nodes kept float)
         return shipped_float, [*head, record, *float_tail]
     finally:
         shutil.rmtree(work, ignore_errors=True)
