@@ -204,7 +204,8 @@ def rows(name: str, result: dict, out: Path) -> list[dict]:
         return [{"model": name, "target": "-", "status": f"exit {result['exit']}: {result.get('error', '')}", "seconds": result["seconds"]}]
     for t in result["targets"]:
         manifest_path = out / name / t["target"] / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        # a failed target writes no folder: a manifest there is an earlier run's
+        manifest = json.loads(manifest_path.read_text()) if t["passed"] and manifest_path.exists() else {}
         entries = manifest.get("models") or [manifest]
         for entry in entries:
             acc, lat, size = entry.get("accuracy") or t.get("accuracy") or {}, entry.get("latency") or {}, entry.get("size") or {}
@@ -251,11 +252,13 @@ def refresh(table: list[dict], out: Path) -> list[dict]:
     for r in table:
         target, _, variant = r["target"].partition(" ")
         path = out / r["model"] / target / "manifest.json"
-        if r["target"] in ("cpu", "mobile") and path.exists():
+        if r["target"] in ("cpu", "mobile") and r["status"] == "passed" and path.exists():
             manifest = json.loads(path.read_text())
             r = {**r, **speed_check(manifest)}
             if r["shipped"].startswith("float") and r.get("speedup") is None:
                 r["speedup"] = 1.0  # the float model ships: float/shipped is 1 by definition
+        elif r["status"] != "passed":
+            r = {**r, "metric": None, "size_ratio": None, "p50_ms": None, "float_p50_ms": None, "speedup": None}  # an earlier run's
         fresh.append(r)
     return fresh
 
