@@ -16,7 +16,8 @@ import onnx_ir as ir
 from pydantic import model_validator
 
 from edgepipe.core.fanout import Mapper, local_map
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
+from edgepipe.passes.float_guard import name_nodes
 from edgepipe.passes.quant_noise import noise
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 from edgepipe.passes.tensorrt import QuantizeTensorRt
@@ -250,7 +251,9 @@ class QuantizeAuto(EdgepipePass):
             stats.update(kept_float=[], final_metric=round(score, 6), passed=True, summary=f"int8 meets the budget ({score:.4f}); nothing kept in float")
             return StatsResult(first.model, first.modified, stats)
 
-        fproto, qproto = ir.to_proto(model), ir.to_proto(first.model)
+        named = clone(model)
+        name_nodes(named)  # as the quantizer names unnamed nodes: candidates are kept float by name
+        fproto, qproto = ir.to_proto(named), ir.to_proto(first.model)
         candidates = quantized_nodes(fproto, qproto, c.candidate_ops)
 
         def score_with(names: list[str], samples: int | None = None) -> float:

@@ -54,7 +54,7 @@ def with_float_copies(fproto: onnx.ModelProto, qproto: onnx.ModelProto, nodes: l
         else:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
-            copy.name = node.name + FLOAT
+            copy.name = f"{node.name}{FLOAT}{len(compared)}"  # unique even where names are not
             del copy.input[:]
             copy.input.extend(inputs)
             del copy.output[:]

@@ -78,3 +78,16 @@ def test_keep_float_of_every_node_is_the_float_model(tmp_path, mlp):
     restored = keep_float(qproto, fproto, [n.name for n in quantized_nodes(fproto, qproto, None)])
     x = _data(8, 3)
     np.testing.assert_array_equal(_outputs(restored, x), _outputs(mlp, x))
+
+
+def test_unnamed_nodes_are_ranked_and_kept_float_by_the_quantizers_names(tmp_path, mlp):
+    """An exported graph may leave nodes unnamed (seen: MobileNetV3-Small, 'two nodes with same node name')."""
+    proto = ir.to_proto(mlp)
+    for node in proto.graph.node:
+        node.name = ""
+    unnamed = ir.from_proto(proto)
+    spec = {"name": "quantize.auto", "method": "static", "candidate_ops": None, "max_float": 1.0, "ranking": "probe"}
+    result = create(spec, _context(tmp_path, unnamed, []))(unnamed)
+    assert result.stats["passed"] and all(r["node"] for r in result.stats["sensitivity"])
+    assert len({r["node"] for r in result.stats["sensitivity"]}) == len(result.stats["sensitivity"])
+    assert _outputs(result.model, _data(4, 7)).shape == (4, 4)
