@@ -270,10 +270,12 @@ def main() -> int:
     p.add_argument("--targets", default="cpu,mobile,gpu")
     p.add_argument("--out", default="/tmp/edgepipe-zoo")
     p.add_argument("--json", help="write the rows here too")
-    p.add_argument("--table", nargs="+", metavar="FILE", help="no builds: the table and geometric means of earlier runs (--json files or stdout logs)")
+    p.add_argument("--table", nargs="+", metavar="FILE", help="no builds: the table and geometric means of earlier runs (--json files or stdout logs; a model in a later file replaces its earlier rows)")
     args = p.parse_args()
     if args.table:
-        table = refresh([r for f in args.table for r in load_rows(Path(f))], Path(args.out) / "artifacts")
+        runs = [load_rows(Path(f)) for f in args.table]
+        latest = {r["model"]: i for i, rows_ in enumerate(runs) for r in rows_}  # a model re-run later: its last run counts
+        table = refresh([r for i, rows_ in enumerate(runs) for r in rows_ if latest[r["model"]] == i], Path(args.out) / "artifacts")
         print_table(table)
         return 0
     names = args.models.split(",") if args.models else [*VISION, *TEXT]
