@@ -8,8 +8,11 @@ torchvision must not go into the test env (it breaks transformers imports): the 
 throwaway venv, /tmp/edgepipe-zoo-venv (created on first use: the current env's packages through a .pth,
 plus `pip install --no-deps torchvision==0.28.0`). Its PyPI build's compiled ops don't load with the CPU
 torch; the model definitions don't need them, so the factory stubs torchvision._meta_registrations.
-Text: random-weight 2-layer Hugging Face models (MiniLM's tokenizer, `task: feature-extraction`, the MiniLM
-recipe's text files), built in this env. A benchmark, not a test: the table goes to stdout (and --json).
+Text: random-weight Hugging Face models at the size of the edge text models people ship (all-MiniLM-L6-v2's
+shape: 6 layers, hidden 384, 12 heads, FFN 1536; ALBERT and ELECTRA with their 128-wide factorised
+embeddings), MiniLM's tokenizer, `task: feature-extraction`, the MiniLM recipe's text files, built in this
+env. A benchmark, not a test: the table goes to stdout (and --json), then the geometric mean of float/int8
+over the cpu and mobile artifacts.
 """
 
 from __future__ import annotations
@@ -152,18 +155,20 @@ def text_recipe(folder: Path, kind: str, quick: bool, targets: list[str]) -> Pat
     (folder / "model").mkdir(parents=True, exist_ok=True)
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(source / f, folder / "model" / f)
-    common = {"vocab_size": 30522, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 514}
+    # all-MiniLM-L6-v2's shape (the edge text model people ship): 6 layers, hidden 384, 12 heads, FFN 1536
+    common = {"vocab_size": 30522, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
+              "max_position_embeddings": 514, "hidden_size": 384}
     configs = {
-        "bert": (T.BertConfig, T.BertModel, {"hidden_size": 128}), "roberta": (T.RobertaConfig, T.RobertaModel, {"hidden_size": 128}),
-        "electra": (T.ElectraConfig, T.ElectraModel, {"hidden_size": 128, "embedding_size": 64}),
-        "albert": (T.AlbertConfig, T.AlbertModel, {"hidden_size": 128, "embedding_size": 64}),
-        "deberta_v2": (T.DebertaV2Config, T.DebertaV2Model, {"hidden_size": 128}),
-        "xlm_roberta": (T.XLMRobertaConfig, T.XLMRobertaModel, {"hidden_size": 128}),
-        "mpnet": (T.MPNetConfig, T.MPNetModel, {"hidden_size": 128}),
+        "bert": (T.BertConfig, T.BertModel, {}), "roberta": (T.RobertaConfig, T.RobertaModel, {}),
+        "electra": (T.ElectraConfig, T.ElectraModel, {"embedding_size": 128}),
+        "albert": (T.AlbertConfig, T.AlbertModel, {"embedding_size": 128}),
+        "deberta_v2": (T.DebertaV2Config, T.DebertaV2Model, {}),
+        "xlm_roberta": (T.XLMRobertaConfig, T.XLMRobertaModel, {}),
+        "mpnet": (T.MPNetConfig, T.MPNetModel, {}),
     }
     torch.manual_seed(0)
     if kind == "distilbert":
-        cfg = T.DistilBertConfig(vocab_size=30522, n_layers=2, n_heads=4, dim=128, hidden_dim=256)
+        cfg = T.DistilBertConfig(vocab_size=30522, n_layers=6, n_heads=12, dim=384, hidden_dim=1536)
         T.DistilBertModel(cfg).save_pretrained(folder / "model")
     else:
         cfg_cls, model_cls, extra = configs[kind]
@@ -183,12 +188,13 @@ def build(python: str, recipe: Path, out: Path) -> dict:
     proc = subprocess.run([python, "-m", "edgepipe", "build", str(recipe), "-o", str(out), "--json", "--force"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - start
+    (recipe.parent / "build.log").write_text(proc.stderr)  # the build's log: each pass with its seconds
     try:
         summary = json.loads(proc.stdout)
     except ValueError:
         tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return {"exit": proc.returncode, "seconds": seconds, "error": tail[:200], "targets": []}
-    return {"exit": proc.returncode, "seconds": seconds, "targets": summary["targets"]}
+    return {"exit": proc.returncode, "seconds": seconds, "targets": summary.get("units") or summary.get("targets") or []}
 
 
 def rows(name: str, result: dict, out: Path) -> list[dict]:
@@ -198,7 +204,8 @@ def rows(name: str, result: dict, out: Path) -> list[dict]:
         return [{"model": name, "target": "-", "status": f"exit {result['exit']}: {result.get('error', '')}", "seconds": result["seconds"]}]
     for t in result["targets"]:
         manifest_path = out / name / t["target"] / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        # a failed target writes no folder: a manifest there is an earlier run's
+        manifest = json.loads(manifest_path.read_text()) if t["passed"] and manifest_path.exists() else {}
         entries = manifest.get("models") or [manifest]
         for entry in entries:
             acc, lat, size = entry.get("accuracy") or t.get("accuracy") or {}, entry.get("latency") or {}, entry.get("size") or {}
@@ -208,8 +215,52 @@ def rows(name: str, result: dict, out: Path) -> list[dict]:
                 "model": name, "target": label, "status": "passed" if t["passed"] else f"FAILED: {(t.get('error') or '')[:120]}",
                 "metric": acc.get("value"), "size_ratio": size.get("ratio"), "p50_ms": p50, "float_p50_ms": fp,
                 "speedup": round(fp / p50, 2) if p50 and fp else None, "seconds": round(result["seconds"], 1),
+                **speed_check(entry),
             })
     return found
+
+
+def speed_check(entry: dict) -> dict:
+    """What the build's speed check measured (float and int8 emitted as shipped, 1 thread, calls interleaved) and
+    what ships: int8, int8 with the slow patterns float, or float (the speed check's or the budget's choice)."""
+    passes = entry.get("passes") or []
+    names = [p.get("name") for p in passes]
+    speed = next((p["stats"]["speed"] for p in passes if "speed" in (p.get("stats") or {})), None)
+    if "budget.fallback" in names:
+        return {"shipped": "float (no int8 met the budget)", "check_speedup": 1.0}
+    if speed is None:
+        return {"shipped": "int8" if any(str(n).startswith("quantize") for n in names) else "-"}
+    choice = speed["choice"]
+    shipped_ms = {"int8": speed["int8_ms"], "float": speed.get("float_ms_retimed", speed["float_ms"])}.get(choice, speed.get("partial_ms"))
+    float_ms = speed.get("float_ms_retimed", speed["float_ms"]) if choice != "int8" else speed["float_ms"]
+    return {"shipped": choice, "check_float_ms": float_ms, "check_ms": shipped_ms,
+            "check_speedup": round(float_ms / shipped_ms, 2) if choice != "float" else 1.0}
+
+
+def load_rows(path: Path) -> list[dict]:
+    """Rows from a --json file, or from a run's stdout (one JSON row a line: a run cut short still counts)."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def refresh(table: list[dict], out: Path) -> list[dict]:
+    """Rows of earlier runs (--json files) with the speed-check columns read again from their manifests."""
+    fresh = []
+    for r in table:
+        target, _, variant = r["target"].partition(" ")
+        path = out / r["model"] / target / "manifest.json"
+        if r["target"] in ("cpu", "mobile") and r["status"] == "passed" and path.exists():
+            manifest = json.loads(path.read_text())
+            r = {**r, **speed_check(manifest)}
+            if r["shipped"].startswith("float") and r.get("speedup") is None:
+                r["speedup"] = 1.0  # the float model ships: float/shipped is 1 by definition
+        elif r["status"] != "passed":
+            r = {**r, "metric": None, "size_ratio": None, "p50_ms": None, "float_p50_ms": None, "speedup": None}  # an earlier run's
+        fresh.append(r)
+    return fresh
 
 
 def main() -> int:
@@ -219,7 +270,14 @@ def main() -> int:
     p.add_argument("--targets", default="cpu,mobile,gpu")
     p.add_argument("--out", default="/tmp/edgepipe-zoo")
     p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--table", nargs="+", metavar="FILE", help="no builds: the table and geometric means of earlier runs (--json files or stdout logs; a model in a later file replaces its earlier rows)")
     args = p.parse_args()
+    if args.table:
+        runs = [load_rows(Path(f)) for f in args.table]
+        latest = {r["model"]: i for i, rows_ in enumerate(runs) for r in rows_}  # a model re-run later: its last run counts
+        table = refresh([r for i, rows_ in enumerate(runs) for r in rows_ if latest[r["model"]] == i], Path(args.out) / "artifacts")
+        print_table(table)
+        return 0
     names = args.models.split(",") if args.models else [*VISION, *TEXT]
     unknown = [n for n in names if n not in VISION and n not in TEXT]
     if unknown:
@@ -239,17 +297,38 @@ def main() -> int:
         table += new
         for r in new:
             print(json.dumps(r), flush=True)
-    print("\n| model | target | status | cosine | size vs fp32 | p50 ms | float p50 ms | float/int8 | build s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print_table(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
+    return 0
+
+
+def print_table(table: list[dict]) -> None:
+    print("\n| model | target | status | cosine | size vs fp32 | p50 ms | float p50 ms | float/int8 | check float ms | "
+          "check ms | check float/shipped | shipped | build s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
         def f(key: str, fmt: str, r: dict = r) -> str:
             return fmt.format(r[key]) if r.get(key) is not None else "-"
 
         print(f"| {r['model']} | {r['target']} | {r['status']} | {f('metric', '{:.4f}')} | {f('size_ratio', '{:.0%}')} | "
-              f"{f('p50_ms', '{:.2f}')} | {f('float_p50_ms', '{:.2f}')} | {f('speedup', '{:.2f}x')} | {f('seconds', '{:.0f}')} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=2))
-    return 0
+              f"{f('p50_ms', '{:.2f}')} | {f('float_p50_ms', '{:.2f}')} | {f('speedup', '{:.2f}x')} | {f('check_float_ms', '{:.2f}')} | "
+              f"{f('check_ms', '{:.2f}')} | {f('check_speedup', '{:.2f}x')} | {r.get('shipped', '-')} | {f('seconds', '{:.0f}')} |")
+    print(geomean_line(table, "speedup", "manifest p50 (default threads, float = the source ONNX, timed one after the other)"))
+    print(geomean_line(table, "check_speedup", "speed check (1 thread, interleaved, float emitted as the target ships it)"))
+
+
+def geomean_line(table: list[dict], key: str = "speedup", what: str = "") -> str:
+    """Geometric mean of float/int8 over the cpu and mobile artifacts (per target too), and what it leaves out."""
+    ratios = {t: [r[key] for r in table if r["target"] == t and r.get(key)] for t in ("cpu", "mobile")}
+    every = ratios["cpu"] + ratios["mobile"]
+    if not every:
+        return f"geometric mean float/int8, {what}: no cpu/mobile artifact timed"
+    g = {k: float(np.exp(np.mean(np.log(v)))) if v else float("nan") for k, v in {"all": every, **ratios}.items()}
+    missing = sum(1 for r in table if r["target"] in ("cpu", "mobile", "-") and not r.get(key))
+    return (f"geometric mean float/int8, {what}, over {len(every)} cpu+mobile artifacts: {g['all']:.2f}x "
+            f"(cpu {g['cpu']:.2f}x over {len(ratios['cpu'])}, mobile {g['mobile']:.2f}x over {len(ratios['mobile'])}); "
+            f"{missing} cpu/mobile rows without a timing (failed builds)")
 
 
 if __name__ == "__main__":

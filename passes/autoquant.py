@@ -7,7 +7,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -16,7 +16,9 @@ import onnx_ir as ir
 from pydantic import model_validator
 
 from edgepipe.core.fanout import Mapper, local_map
-from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult
+from edgepipe.passes.base import EdgepipePass, PassConfig, StatsResult, clone
+from edgepipe.passes.float_guard import name_nodes
+from edgepipe.passes.quant_noise import noise
 from edgepipe.passes.quantize import QuantizeDynamic, QuantizeStatic
 from edgepipe.passes.tensorrt import QuantizeTensorRt
 
@@ -24,6 +26,8 @@ METHODS = {"dynamic": QuantizeDynamic, "static": QuantizeStatic, "tensorrt": Qua
 # ops worth keeping in float: the ones with weights and int8 kernels (not Relu/MaxPool/Reshape around them)
 CANDIDATES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Attention", "EmbedLayerNormalization", "Gather", "LSTM", "GRU"]
 DEAD = "__edgepipe_quantized"
+FLOAT = "__edgepipe_float"
+PER_NODE_MAX = 64  # per-node evaluations up to here (MiniLM's recipe: 39 MatMuls); one probe run beyond
 
 
 class AutoConfig(PassConfig):
@@ -32,9 +36,14 @@ class AutoConfig(PassConfig):
     search: Literal["bisect", "stepwise"] = "bisect"  # bisect: 1, 2, 4 ... nodes, then bisection; stepwise: 1, 2, 3 ...
     max_float: int | float = 0.5  # most nodes kept in float: a share of the quantized nodes (a float ≤ 1) or a count (an int)
     analyze: Literal["on_failure", "always"] = "on_failure"  # per-node sensitivity when the budget breaks, or always
-    candidate_ops: list[str] = CANDIDATES
-    rank: Literal["gain", "gain_per_weight"] = "gain_per_weight"  # order in which nodes go back to float
+    candidate_ops: list[str] | None = CANDIDATES  # None: every node the quantizer changed
+    rank: Literal["gain", "gain_per_weight"] = "gain_per_weight"  # order in which nodes go back to float (per_node)
     sensitivity_samples: int | None = 64  # eval samples per sensitivity run (ranking only); None: all
+    # per_node: one evaluation per candidate (the metric gained when it alone stays float); probe: one run of the
+    # QDQ int8 graph on a few calibration samples, nodes ranked by the quantization noise they read
+    # (passes/quant_noise.py); auto: per_node up to PER_NODE_MAX candidates, probe beyond (where it applies)
+    ranking: Literal["auto", "per_node", "probe"] = "auto"
+    probe_samples: int = 4
 
     @model_validator(mode="after")
     def _options(self) -> AutoConfig:
@@ -98,14 +107,22 @@ def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: 
             q.output[j] = q.output[j] + DEAD
         if hit:
             q.name = q.name + DEAD
+    made = {o for n in graph.node for o in n.output}  # a float weight's name may be a DequantizeLinear output here (ORT's biases)
     for node in restored:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        graph.node.append(copy)
-        for inp in node.input:
-            if inp and inp not in defined and inp in float_inits:
-                graph.initializer.append(float_inits[inp])
-                defined.add(inp)
+        for j, inp in enumerate(node.input):
+            if not inp or inp not in float_inits:
+                continue
+            name = inp + FLOAT if inp in made else inp
+            copy.input[j] = name
+            if name not in defined:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(float_inits[inp])
+                tensor.name = name
+                graph.initializer.append(tensor)
+                defined.add(name)
+        graph.node.append(copy)  # a copy of ``copy``: appended once its inputs are final
     _toposort(graph)
     _prune(graph)
     return out
@@ -192,6 +209,13 @@ def sensitivity(qproto: onnx.ModelProto, fproto: onnx.ModelProto, names: list[st
     return scores, {"tasks": k, "width": width, "workers": [part["where"] for part in parts]}
 
 
+def _single_samples(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """Each sample of each batch as a batch of one (a probe run exposes every tensor: one sample at a time)."""
+    for batch in batches:
+        for i in range(len(next(iter(batch.values())))):
+            yield {k: v[i : i + 1] for k, v in batch.items()}
+
+
 def _score_chunk(qbytes: bytes, fbytes: bytes, evaluate: Callable[..., float], names: list[str]) -> dict[str, Any]:
     """A task: the score of each node kept alone in float; ``where`` (host:pid) says which worker ran it."""
     qproto, fproto = onnx.ModelProto.FromString(qbytes), onnx.ModelProto.FromString(fbytes)
@@ -227,22 +251,15 @@ class QuantizeAuto(EdgepipePass):
             stats.update(kept_float=[], final_metric=round(score, 6), passed=True, summary=f"int8 meets the budget ({score:.4f}); nothing kept in float")
             return StatsResult(first.model, first.modified, stats)
 
-        fproto, qproto = ir.to_proto(model), ir.to_proto(first.model)
+        named = clone(model)
+        name_nodes(named)  # as the quantizer names unnamed nodes: candidates are kept float by name
+        fproto, qproto = ir.to_proto(named), ir.to_proto(first.model)
         candidates = quantized_nodes(fproto, qproto, c.candidate_ops)
 
         def score_with(names: list[str], samples: int | None = None) -> float:
             return evaluate(keep_float(qproto, fproto, names), samples=samples)  # the build's evaluate takes a proto too
 
-        n = c.sensitivity_samples
-        if n is not None:
-            started = time.perf_counter()
-            base = score_with([], n)
-            run_seconds = time.perf_counter() - started
-        else:
-            base = score
-        # where it ran stays out of the stats: they are part of the manifest's content, equal on every executor
-        scores, _ = sensitivity(qproto, fproto, [node.name for node in candidates], evaluate, n, ctx.map, run_seconds)
-        ranking = rank(fproto, candidates, scores, base, c.rank)
+        ranking = self._rank(fproto, qproto, candidates, score, score_with, run_seconds)
         stats["sensitivity"] = ranking
         order = [r["node"] for r in ranking]
         if steps[0]["passed"]:
@@ -261,13 +278,16 @@ class QuantizeAuto(EdgepipePass):
         best = self._search(step, limit, c.search)
         stats["search_seconds"] = round(time.perf_counter() - start, 2)
         kept = order[: (limit if best is None else best)]
-        exclude = restore_group(qproto, fproto, kept)
-        options = {**c.options, "nodes_to_exclude": list(c.options.get("nodes_to_exclude", [])) + exclude}
-        final = inner_cls(inner_cls.Config(**options), ctx)(model)
-        final_score = evaluate(final.model)
+        # ship the model the search scored (re-quantizing with these nodes excluded calibrates the rest afresh:
+        # another model, which scored below the search's on EfficientNet-B0)
+        final_model = ir.from_proto(keep_float(qproto, fproto, kept))
+        final_score = next((s["metric"] for s in steps if s["kept_float"] == len(kept) and s["nodes"] == kept), None)
+        if final_score is None:
+            final_score = evaluate(final_model)
         passed = accept(final_score)
         stats.update(kept_float=kept, final_metric=round(final_score, 6), passed=passed)
-        tried = f"({len(steps) - 1} search steps, {len(order)} sensitivity runs)"
+        runs = "1 probe run" if ranking and "noise" in ranking[0] else f"{len(order)} sensitivity runs"
+        tried = f"({len(steps) - 1} search steps, {runs})"
         if passed:
             stats["summary"] = f"int8 {score:.4f} broke the budget; kept {len(kept)} of {len(order)} nodes in float → {final_score:.4f} {tried}"
         else:
@@ -275,7 +295,29 @@ class QuantizeAuto(EdgepipePass):
                 f"budget not met: int8 {score:.4f}, and {final_score:.4f} with the {len(kept)} most sensitive of "
                 f"{len(order)} nodes in float (max_float {c.max_float}) {tried}"
             )
-        return StatsResult(final.model, True, stats)
+        return StatsResult(final_model, True, stats)
+
+    def _rank(self, fproto: onnx.ModelProto, qproto: onnx.ModelProto, candidates: list[onnx.NodeProto], score: float,
+              score_with: Callable[..., float], run_seconds: float) -> list[dict[str, Any]]:
+        """Rows in the order the nodes go back to float: by quantization noise (one probe run) or per-node sensitivity."""
+        c, ctx = self.config, self.context
+        probe = c.ranking == "probe" or (c.ranking == "auto" and len(candidates) > PER_NODE_MAX)
+        if probe and ctx.calibration is not None:
+            found = noise(fproto, qproto, candidates, _single_samples(ctx.calibration()), c.probe_samples, ctx.workdir)
+            if found is not None:
+                rows = [{"node": n.name, "op": n.op_type, "noise": round(e, 8), "weights": _weight_elements(fproto, n)}
+                        for n, e in zip(candidates, found, strict=True)]
+                return sorted(rows, key=lambda r: -r["noise"])
+        n = c.sensitivity_samples
+        if n is not None:
+            started = time.perf_counter()
+            base = score_with([], n)
+            run_seconds = time.perf_counter() - started
+        else:
+            base = score
+        # where it ran stays out of the stats: they are part of the manifest's content, equal on every executor
+        scores, _ = sensitivity(qproto, fproto, [node.name for node in candidates], ctx.evaluate, n, ctx.map, run_seconds)
+        return rank(fproto, candidates, scores, base, c.rank)
 
     @staticmethod
     def _search(step, limit: int, how: str) -> int | None:

@@ -30,7 +30,7 @@ from edgepipe.targets.base import Target, TargetContext
 
 logger = logging.getLogger(__name__)
 
-QUANTIZE = ("quantize.static", "quantize.dynamic")
+QUANTIZE = ("quantize.static", "quantize.dynamic", "quantize.auto")  # quantize.auto: the budget fallback's step too
 # int8 counts as slower only past both: a relative margin over the timing noise (interleaved medians on a
 # shared 2-core machine spread by ~3 %), and an absolute one (a tiny model is dispatch-bound: µs either way).
 MARGIN = 0.05
@@ -101,6 +101,32 @@ def quantize_index(chain: list[dict[str, Any]]) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
+def _partial(chain: list[dict[str, Any]], q: int, exclude: list[str], pctx: PassContext, float_model: ir.Model,
+             run_passes: RunPasses, speed: dict[str, Any]) -> tuple[ir.Model, list[dict]] | None:
+    """The chain again with the slow patterns float, or None (and why, in ``speed``) when that fails or, for the
+    budget fallback's quantize.auto, misses the budget: the float model is then the answer, not an error."""
+    try:
+        model, log = run_passes([excluding(chain[q], exclude), *chain[q + 1 :]], pctx, float_model)
+    except Exception as exc:  # a best-effort variant: the float model ships with the reason
+        speed["partial_error"] = str(exc).splitlines()[0][:300]
+        logger.info(f"  speed: int8 with the slow patterns float failed ({speed['partial_error']})")
+        return None
+    if log[0]["stats"].get("passed") is False:
+        speed["partial_error"] = f"misses the budget: {log[0]['stats'].get('summary')}"
+        return None
+    return model, log
+
+
+def excluding(entry: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The quantize step with ``names`` added to its nodes_to_exclude (quantize.auto: its inner pass's options)."""
+    entry = dict(entry)
+    holder = entry
+    if entry.get("name") == "quantize.auto":
+        holder = entry["options"] = dict(entry.get("options", {}))
+    holder["nodes_to_exclude"] = list(dict.fromkeys([*holder.get("nodes_to_exclude", []), *names]))
+    return entry
+
+
 def time_artifacts(paths: list[Path], target: Target, sample: dict[str, np.ndarray], seconds: float = 2.0, threads: int = 1) -> list[float]:
     """Median ms per call of each model on one sample; calls alternate model by model, so contention on a
     shared machine hits all alike. One thread: a ranking under load, not the device's absolute latency."""
@@ -151,10 +177,9 @@ def run_chain(
             logger.info(f"  speed int8 {int8_ms:.3f} ms, float {float_ms:.3f} ms: int8 ships")
             return int8_model, head + tail
         exclude = slow_nodes(float_model)
-        if exclude:
-            entry = dict(chain[q])
-            entry["nodes_to_exclude"] = list(dict.fromkeys([*entry.get("nodes_to_exclude", []), *exclude]))
-            partial, partial_tail = run_passes([entry, *chain[q + 1 :]], pctx, float_model)
+        partial = _partial(chain, q, exclude, pctx, float_model, run_passes, speed) if exclude else None
+        if partial is not None:
+            partial, partial_tail = partial
             float_ms, partial_ms = timer([float_path, emit(partial, "partial")], target, sample)
             speed.update(partial_ms=partial_ms, float_ms_retimed=float_ms, kept_float=len(exclude))
             if not slower(partial_ms, float_ms):
@@ -165,7 +190,8 @@ def run_chain(
         logger.info(f"  speed {why}")
         # Not a quantize entry: nothing in the shipped model is quantized (golden tolerance, speed warning).
         record = {"name": "speed.check", "params": {"dropped": chain[q]}, "modified": True,
-                  "stats": {"summary": why, "warning": f"{target.name}: {why}", "speed": {**speed, "choice": "float"}}}
+                  "stats": {"summary": why, "warning": f"{target.name}: {why}", "speed": {**speed, "choice": "float"},
+                            "int8": tail[0]["stats"].get("summary")}}  # what the dropped step had done (quantize.auto: nodes kept float)
         return shipped_float, [*head, record, *float_tail]
     finally:
         shutil.rmtree(work, ignore_errors=True)

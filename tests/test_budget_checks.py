@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from edgepipe.cli import main
+from edgepipe.pipeline import fallback
 from edgepipe.recipe import AccuracySpec
 from edgepipe.sources.accuracy import BUILTIN, measure
 
@@ -70,9 +72,43 @@ def test_default_chain_falls_back_to_quantize_auto_when_int8_misses_the_budget(t
         assert auto["params"]["method"] == ("tensorrt" if target["target"] == "gpu" else "static")
         assert auto["stats"]["fallback_from"]["metric"] < 0.999 <= manifest["accuracy"]["value"]
         assert 0 < len(auto["stats"]["kept_float"]) < len(auto["stats"]["sensitivity"])  # some nodes stay int8
+        if target["target"] == "cpu":
+            _assert_shipped_as_scored(auto["stats"], Path(target["folder"]) / "model.onnx", manifest["accuracy"]["value"])
     mobile = summary["units"][1]
     params = json.loads((Path(mobile["folder"]) / "manifest.json").read_text())["passes"][2]["params"]
     assert params["options"]["activation_type"] == "uint8"  # the mobile step's own options carried over
+
+
+def test_the_float_model_ships_with_the_reason_when_no_int8_meets_the_budget(tmp_path, capsys, monkeypatch):
+    """The fallback's last step (cpu, mobile): quantize.auto allowed no float node here, so nothing int8 meets 0.999."""
+    step = fallback.fallback_step
+
+    def no_float_nodes(*args):
+        found = step(*args)
+        return found and (found[0], {**found[1], "max_float": 0})
+
+    monkeypatch.setattr(fallback, "fallback_step", no_float_nodes)
+    code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}")  # --executor inprocess
+    assert code == 0
+    manifest = json.loads((Path(summary["units"][0]["folder"]) / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["passes"]] == ["cleanup", "optimize.ort", "budget.fallback"]
+    assert manifest["accuracy"]["value"] > 0.9999 and any("quantize.static 0.8" in w for w in manifest["warnings"])
+    graph = onnx.load(str(Path(summary["units"][0]["folder"]) / "model.onnx")).graph
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in graph.node}
+
+
+def _assert_shipped_as_scored(stats: dict, model_path: Path, shipped_metric: float) -> None:
+    """The artifact is the model quantize.auto's search scored: its kept nodes read float activations, not a
+    QuantizeLinear → DequantizeLinear pair (a re-quantized model feeds excluded nodes quantized activations),
+    and it scores the same."""
+    graph = onnx.load(str(model_path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    kept = [n for n in graph.node if n.name in set(stats["kept_float"])]
+    assert len(kept) == len(stats["kept_float"])
+    dq = [producer[i] for n in kept for i in n.input if i in producer and producer[i].op_type == "DequantizeLinear"]
+    assert not [d for d in dq if d.input[0] in producer and producer[d.input[0]].op_type == "QuantizeLinear"]
+    scored = next(s["metric"] for s in stats["steps"] if s["passed"] and s["kept_float"] == len(stats["kept_float"]))
+    assert stats["final_metric"] == scored and abs(shipped_metric - scored) < 1e-5
 
 
 def test_a_budget_nothing_meets_fails_naming_what_was_tried(tmp_path, capsys):

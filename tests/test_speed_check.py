@@ -55,7 +55,7 @@ def _context(tmp_path) -> PassContext:
     return PassContext(workdir=tmp_path / "work", calibration=lambda: ({"image": _images(4, s)} for s in range(4)))
 
 
-def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu"):
+def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu", chain: list[dict] = CHAIN):
     """run_chain with a timer that answers ``timings`` in turn (float, candidate, float, candidate ...)."""
     answers = iter(timings)
     calls = []
@@ -64,7 +64,7 @@ def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu")
         calls.append([p.suffix for p in paths])
         return [next(answers), next(answers)]
 
-    out, log = run_chain(TARGETS[target](), None, CHAIN, _context(tmp_path), model, {"image": _images(2, 9)}, _run_passes, timer)
+    out, log = run_chain(TARGETS[target](), None, chain, _context(tmp_path), model, {"image": _images(2, 9)}, _run_passes, timer)
     return out, log, calls
 
 
@@ -99,6 +99,29 @@ def test_slow_patterns_go_float_when_int8_is_slower(tmp_path, block_onnx):
     assert sum(int8_weight) == len(convs) - 3 and not any(w and d for w, d in zip(int8_weight, depthwise, strict=True))
     assert not any(u.op_type == "QuantizeLinear" for n in out.graph if n.op_type == "HardSigmoid" for u, _ in n.outputs[0].uses())
     assert log[-1]["stats"]["speed"] | {"choice": "int8, slow patterns in float", "int8_ms": 2.0, "partial_ms": 0.8} == log[-1]["stats"]["speed"]
+
+
+def test_the_budget_fallbacks_quantize_auto_is_speed_checked_too(tmp_path, block_onnx):
+    """The default fallback's step (quantize.auto) is timed like plain int8: slow patterns float, in its inner options."""
+    chain = [{"name": "cleanup"}, {"name": "quantize.auto", "method": "static", "options": {}}]
+    out, log, calls = _chain(tmp_path, block_onnx, [1.0, 2.0, 1.0, 0.8], chain=chain)
+    assert len(calls) == 2 and log[-1]["name"] == "quantize.auto"
+    assert set(slow_nodes(block_onnx)) <= set(log[-1]["params"]["options"]["nodes_to_exclude"])
+    assert log[-1]["stats"]["speed"]["choice"] == "int8, slow patterns in float" and "QuantizeLinear" in _ops(out)
+
+
+def test_float_ships_with_the_reason_when_the_slow_pattern_variant_fails(tmp_path, block_onnx):
+    """The slow-pattern variant is best effort (seen: ORT's quantizer writing duplicate node names): float ships."""
+    def flaky(chain, pctx, model):
+        if chain and "nodes_to_exclude" in chain[0]:
+            raise RuntimeError("invalid model: two nodes with same node name")
+        return _run_passes(chain, pctx, model)
+
+    answers = iter([1.0, 2.0])
+    out, log = run_chain(TARGETS["cpu"](), None, CHAIN, _context(tmp_path), block_onnx, {"image": _images(2, 9)}, flaky,
+                         lambda paths, _t, _s: [next(answers), next(answers)])
+    assert not {"QuantizeLinear", "DequantizeLinear"} & _ops(out) and log[-1]["name"] == "speed.check"
+    assert "two nodes" in log[-1]["stats"]["speed"]["partial_error"]
 
 
 def test_float_ships_with_a_warning_when_int8_stays_slower(tmp_path, block_onnx):

@@ -1,4 +1,6 @@
-"""Budgets met by default: plain int8 first; when it breaks the budget, quantize.auto; failures that say why."""
+"""Budgets met by default: plain int8 first; when it breaks the budget, quantize.auto (any quantized node may go
+back to float, ranked by sensitivity); when that misses too, the float model (cpu, mobile) with the reason;
+failures that say what was tried."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from edgepipe.recipe import TargetSpec
 logger = logging.getLogger(__name__)
 RunPasses = Callable[[list[dict[str, Any]], PassContext, ir.Model], tuple[ir.Model, list[dict]]]
 FALLBACK_TARGETS = ("cpu", "mobile", "gpu")  # the default int8 chains (gpu: its TensorRT-form int8 model)
+FLOAT_TARGETS = ("cpu", "mobile")  # a float model may ship in the int8 model's place (gpu's int8 file must be int8)
+FALLBACK = "budget.fallback"  # the pass-log record of a float model shipped because no int8 met the budget
 PLAIN = {"quantize.static": "static", "quantize.dynamic": "dynamic", "quantize.tensorrt": "tensorrt"}
 ADVICE = ("loosen the budget (accuracy.max_drop / min_value), put {name: smoothquant} before the quantize step in "
           "targets.<target>.passes, or ship fp16 (the gpu target)")
@@ -31,7 +35,8 @@ def fallback_step(target: str, spec: TargetSpec, chain: list[dict[str, Any]]) ->
     for i, step in enumerate(chain):
         if step.get("name") in PLAIN:
             options = {k: v for k, v in step.items() if k != "name"}
-            return i, {"name": "quantize.auto", "method": PLAIN[step["name"]], "options": options}
+            # every quantized node is a candidate, up to all of them: the search stops at the fewest that meet the budget
+            return i, {"name": "quantize.auto", "method": PLAIN[step["name"]], "options": options, "candidate_ops": None, "max_float": 1.0}
     return None
 
 
@@ -54,9 +59,30 @@ def run_with_fallback(
         return after, before_log + plain_log + after_log
     logger.info(f"        {chain[index]['name']} misses the budget ({score:.4f}): quantize.auto keeps the most sensitive nodes in float")
     fixed, auto_log = run([auto], pctx, before)
-    auto_log[0]["stats"]["fallback_from"] = {"name": chain[index]["name"], "metric": round(score, 6)}
+    stats = auto_log[0]["stats"]
+    stats["fallback_from"] = {"name": chain[index]["name"], "metric": round(score, 6)}
+    if stats.get("passed", True) is False and target in FLOAT_TARGETS:
+        tried = _tried(stats)
+        why = f"no int8 model met the budget (tried {tried}): shipped float"
+        logger.info(f"        {why}")
+        record = {"name": FALLBACK, "params": {"dropped": chain[index]}, "modified": True,
+                  "stats": {"summary": why, "warning": f"{target}: {why}", "tried": tried}}
+        after, after_log = run(chain[index + 1 :], pctx, before)
+        return after, [*before_log, record, *after_log]
     after, after_log = run(chain[index + 1 :], pctx, fixed)
     return after, before_log + auto_log + after_log
+
+
+def _tried(stats: dict[str, Any]) -> str:
+    """What the fallback tried, from quantize.auto's stats: plain int8's metric, then the nodes kept float."""
+    tried = f"int8 {stats.get('initial_metric', float('nan')):.4f}"
+    if "fallback_from" in stats:
+        tried = f"{stats['fallback_from']['name']} {stats['fallback_from']['metric']:.4f}"
+    kept = len(stats.get("kept_float") or [])
+    if kept:
+        tried += (f", quantize.auto with the {kept} most sensitive of {len(stats.get('sensitivity') or [])} nodes in "
+                  f"float {stats.get('final_metric', float('nan')):.4f}")
+    return tried
 
 
 def failure_reason(manifest: Manifest) -> str:
@@ -71,18 +97,14 @@ def failure_reason(manifest: Manifest) -> str:
             return where + acc.reason
         head = (f"accuracy budget exceeded: {acc.get('metric')} {acc.value:.6f} vs reference "
                 f"{acc.reference:.6f}, budget {_budget(acc)}")
-        auto = next((p for p in entry.passes or [] if p.get("name") == "quantize.auto"), None)
+        passes = entry.passes or []
+        auto = next((p for p in passes if p.get("name") == "quantize.auto"), None)
+        shipped_float = next((p for p in passes if p.get("name") == FALLBACK), None)
+        if shipped_float is not None:
+            return f"{where}{head}; tried {shipped_float['stats']['tried']}, then the float model; {ADVICE}"
         if auto is None:
             return where + head
-        stats = auto.get("stats", {})
-        tried = f"int8 {stats.get('initial_metric', float('nan')):.4f}"
-        if "fallback_from" in stats:
-            tried = f"{stats['fallback_from']['name']} {stats['fallback_from']['metric']:.4f}"
-        kept = len(stats.get("kept_float") or [])
-        if kept:
-            tried += (f", quantize.auto with the {kept} most sensitive of {len(stats.get('sensitivity') or [])} nodes in "
-                      f"float {stats.get('final_metric', float('nan')):.4f}")
-        return f"{where}{head}; tried {tried}; {ADVICE}"
+        return f"{where}{head}; tried {_tried(auto.get('stats', {}))}; {ADVICE}"
     return "accuracy budget exceeded"
 
 

@@ -126,6 +126,11 @@ def _fmt_stats(stats: dict) -> str:
     return core + more
 
 
+def _rank_value(row: dict) -> str:
+    """Per-node sensitivity (metric gained when float), or the quantization noise the node reads (probe ranking)."""
+    return f"{row['gain']:+.6f}" if "gain" in row else f"noise {row.get('noise', 0):.2e}"
+
+
 def _search_table(p: dict) -> str:
     """quantize.auto: the steps tried and the most sensitive nodes (what was kept in float and why)."""
     stats = p.get("stats", {})
@@ -136,14 +141,14 @@ def _search_table(p: dict) -> str:
         for s in stats["steps"]
     )
     ranked = "".join(
-        f"<tr><td>{_e(r['node'])}</td><td>{_e(r['op'])}</td><td>{r['gain']:+.6f}</td><td>{r.get('weights', 0):,}</td></tr>"
+        f"<tr><td>{_e(r['node'])}</td><td>{_e(r['op'])}</td><td>{_rank_value(r)}</td><td>{r.get('weights', 0):,}</td></tr>"
         for r in stats.get("sensitivity", [])[:10]
     )
     kept = ", ".join(_e(k) for k in stats.get("kept_float", [])) or "none"
     return (
         f"<p><b>{_e(p['name'])}</b>: {_e(stats.get('summary', ''))}<br>kept in float: {kept}</p>"
         f"<table><tr><th>nodes kept float</th><th>metric</th><th></th></tr>{steps}</table>"
-        + (f"<table><tr><th>most sensitive node</th><th>op</th><th>metric gain when float</th><th>weights</th></tr>{ranked}</table>" if ranked else "")
+        + (f"<table><tr><th>most sensitive node</th><th>op</th><th>metric gain when float (or noise read)</th><th>weights</th></tr>{ranked}</table>" if ranked else "")
     )
 
 
