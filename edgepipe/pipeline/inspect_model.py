@@ -37,6 +37,11 @@ def inspect_model(path: Path) -> dict[str, Any]:
     except Exception as exc:  # parsed as protobuf, but not a coherent graph
         raise BadInput(f"{path} is not a well-formed ONNX model: {type(exc).__name__}: {exc}") from None
     inits = {i.name for i in proto.graph.initializer}
+    produced = inits | {v.name for v in proto.graph.input} | {o for n in proto.graph.node for o in n.output}
+    dangling = [o.name for o in proto.graph.output if o.name not in produced]
+    if dangling:
+        raise BadInput(f"{path} is not a well-formed ONNX model: graph output {dangling[0]!r} is produced by no node, "
+                       "input or initializer; re-export the model")
 
     def io(values):
         res = []

@@ -68,7 +68,8 @@ def check_onnx_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise BadInput(f"{path} is not a valid ONNX model: {exc}") from None
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # the checker's lines as one
+        raise BadInput(f"{path} is not a valid ONNX model: {detail}") from None
 
 
 def load_onnx_source(recipe: Recipe, workdir: Path) -> Source:
