@@ -132,6 +132,9 @@ class TargetSpec(Strict):
     shapes: dict[str, list[int]] | None = None
     accuracy: AccuracySpec | None = None
     runtime: dict[str, str] | None = None
+    # cpu/mobile: time int8 against float and ship float where int8 is slower (the default); false ships the
+    # chain's int8 model untimed, so a rebuild on a loaded machine makes the same bytes
+    speed_check: bool = True
 
     @field_validator("passes", "int8_passes")
     @classmethod

@@ -12,7 +12,9 @@ from torch import nn
 from edgepipe.passes import PassContext
 from edgepipe.passes.base import load
 from edgepipe.pipeline.build import run_passes as _run_passes
+from edgepipe.recipe import TargetSpec
 from edgepipe.targets import TARGETS
+from edgepipe.targets.base import TargetContext
 from edgepipe.targets.speed import MARGIN, run_chain, slow_nodes, time_artifacts
 
 CHAIN = [{"name": "cleanup"}, {"name": "quantize.static"}]
@@ -55,7 +57,7 @@ def _context(tmp_path) -> PassContext:
     return PassContext(workdir=tmp_path / "work", calibration=lambda: ({"image": _images(4, s)} for s in range(4)))
 
 
-def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu", chain: list[dict] = CHAIN):
+def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu", chain: list[dict] = CHAIN, tctx=None):
     """run_chain with a timer that answers ``timings`` in turn (float, candidate, float, candidate ...)."""
     answers = iter(timings)
     calls = []
@@ -64,7 +66,7 @@ def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu",
         calls.append([p.suffix for p in paths])
         return [next(answers), next(answers)]
 
-    out, log = run_chain(TARGETS[target](), None, chain, _context(tmp_path), model, {"image": _images(2, 9)}, _run_passes, timer)
+    out, log = run_chain(TARGETS[target](), tctx, chain, _context(tmp_path), model, {"image": _images(2, 9)}, _run_passes, timer)
     return out, log, calls
 
 
@@ -131,6 +133,13 @@ def test_float_ships_with_a_warning_when_int8_stays_slower(tmp_path, block_onnx)
     assert log[-1]["stats"]["speed"]["choice"] == "float" and log[-1]["stats"]["warning"]
     x = _images(3, 5)
     np.testing.assert_allclose(run(out, {"image": x})[0], run(block_onnx, {"image": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_speed_check_off_in_the_recipe_ships_int8_untimed(tmp_path, block_onnx):
+    tctx = TargetContext(None, TargetSpec(speed_check=False), True)
+    out, log, calls = _chain(tmp_path, block_onnx, [1.0, 2.0, 1.0, 1.5], tctx=tctx)  # timings that would ship float
+    assert calls == [] and {"QuantizeLinear", "DequantizeLinear"} <= _ops(out)
+    assert "speed.check" not in [p["name"] for p in log] and log[-1]["stats"]["speed"] == {"choice": "int8", "checked": False}
 
 
 def test_mobile_times_the_ort_files_and_gpu_is_not_checked(tmp_path, block_onnx):
