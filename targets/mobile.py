@@ -68,6 +68,17 @@ def convert_to_ort(src: Path, out: Path, level: str = "all") -> None:
         raise BadInput(one_line(f"mobile: onnxruntime could not convert the model to ORT format: {lines[-1] if lines else proc.returncode}"))
 
 
+def converted(src: Path, level: str = "all") -> tuple[bytes, str]:
+    """(model.ort bytes, required operators config) of ``src``, converted into ``src``'s folder (``convert_to_ort``)."""
+    out = src.parent / "ort"
+    convert_to_ort(src, out, level)
+    # The converter names the file it wrote (a temp path; model.<level>.ort before the rename) in a comment: keep the
+    # file the same build to build.
+    lines = (out / f"model.{OPS_CONFIG}").read_text(encoding="utf-8").splitlines(keepends=True)
+    config = "".join("# - model.ort\n" if ln.startswith("# - ") and ln.rstrip().endswith(".ort") else ln for ln in lines)
+    return (out / "model.ort").read_bytes(), config
+
+
 # The last conversions of this process by the ONNX file's sha256: the speed check converts the float and the int8
 # model, and the build then ships one of them; the converter (a child that imports torch, ~2 s) gives the same
 # bytes for the same file, so the shipped one is not converted again.
@@ -81,11 +92,7 @@ def ort_format(src: Path) -> tuple[bytes, str]:
     if key in _CONVERTED:
         _CONVERTED.move_to_end(key)
         return _CONVERTED[key]
-    out = src.parent / "ort"
-    convert_to_ort(src, out)
-    # The converter names its temp path in a comment: keep the file the same build to build.
-    config = (out / f"model.{OPS_CONFIG}").read_text(encoding="utf-8").replace(str(out / "model.ort"), "model.ort")
-    _CONVERTED[key] = (out / "model.ort").read_bytes(), config
+    _CONVERTED[key] = converted(src)
     while len(_CONVERTED) > _KEEP:
         _CONVERTED.popitem(last=False)
     return _CONVERTED[key]

@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 CPU = ["CPUExecutionProvider"]
 MOBILE_CONTEXT = 2048  # tokens: genai allocates the shared KV buffer for all of them (SmolLM2 fp32: 46 KB/token)
-OPS_CONFIG = "required_operators.config"
 # The decoder graph is written fused; ORT's "all" level would only add constant folding, which turns the Reshape
 # that lets the embedding read the LM head's int4 weight into a second 14 MB copy in the .ort (SmolLM2: 104.3 MB
 # vs 90.2 MB, same logits, decode speed within noise), and a SiLU → QuickGelu fusion. A full ORT build does not
@@ -131,18 +130,15 @@ def fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
 
 def write_ort(model: onnx.ModelProto, folder: Path) -> dict[str, Any]:
     """``folder/model.ort`` and ``required_operators.config`` from ORT's converter (the mobile encoders' one)."""
-    from edgepipe.targets.mobile import PLATFORM, convert_to_ort
+    from edgepipe.targets.mobile import OPS_CONFIG, PLATFORM, converted
 
     work = Path(tempfile.mkdtemp(prefix="edgepipe-ort-"))
     try:
         src = work / "model.onnx"
         onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
-        convert_to_ort(src, work / "ort", level=ORT_LEVEL)
-        shutil.copyfile(work / "ort" / "model.ort", folder / "model.ort")
-        config = (work / "ort" / f"model.{OPS_CONFIG}").read_text(encoding="utf-8")
-        lines = config.splitlines(keepends=True)  # the converter names its temp path in a comment: keep the file stable
-        config = "".join("# - model.ort\n" if ln.startswith("# - ") and ln.rstrip().endswith(".ort") else ln for ln in lines)
+        ort, config = converted(src, level=ORT_LEVEL)
+        (folder / "model.ort").write_bytes(ort)
         (folder / OPS_CONFIG).write_text(config, encoding="utf-8")
     finally:
         shutil.rmtree(work, ignore_errors=True)
