@@ -298,9 +298,14 @@ def _quantize(exported: Exported, form: Form, config: Int4Config, spec: Accuracy
     counts = summary(model)
     logger.info(f"  pass  quantize.int4  MatMulNBits int4×{counts['int4']} int8×{counts['int8']}, tied embedding {bool(counts['tied_embedding'])}"
         f"  ({time.perf_counter() - start:.1f}s)")
-    return model, {**counts, "int8_groups": sorted(plan), "steps": steps, "sensitivity": ranked, "searched_scales": searched,
-                   "block_size": block_size, "kept_float": sorted(plan),
-                   "summary": f"{len(plan)} group(s) kept at int8 by measured sensitivity" if plan else "all int4"}
+    stats = {**counts, "int8_groups": sorted(plan), "steps": steps, "sensitivity": ranked, "searched_scales": searched,
+             "block_size": block_size, "kept_float": sorted(plan),
+             "summary": f"{len(plan)} group(s) kept at int8 by measured sensitivity" if plan else "all int4"}
+    if not counts["int4"] and not counts["int8"]:  # e.g. GPT-2: its Conv1D layers export as Gemm, which MatMulNBits does not take
+        stats["summary"] = stats["warning"] = ("quantize.int4 found no MatMul with a constant 2-D weight: the model stays "
+                                               "float (MatMulNBits takes MatMul only; Gemm layers are not quantized)")
+        logger.warning(f"  {stats['warning']}")
+    return model, stats
 
 
 class _Failed(Exception):
@@ -392,7 +397,9 @@ def _write_manifest(recipe: Recipe, lay: Layout, lm: CausalLM, exported: Exporte
         "source": {"kind": "gguf" if recipe.model.gguf else "hf", "origin": lm.origin, "export": exported.backend,
                    "export_check": {"cases": len(exported.checks), "passed": all(c["passed"] for c in exported.checks),
                                     "max_abs": max(c["max_abs"] for c in exported.checks), "checks": exported.checks}},
-        "versions": _versions(), "warnings": [],
+        "versions": _versions(),
+        "warnings": list(dict.fromkeys(p["stats"]["warning"] for e in entries for p in e.get("passes") or []
+                                       if p.get("stats", {}).get("warning"))),
     }
     if len(entries) > 1:
         manifest["models"] = entries

@@ -48,6 +48,8 @@ def input_importance(path: Path, sequences: Sequence[np.ndarray], threads: int |
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     names = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits})
+    if not names:  # no MatMul with a constant weight (nothing for int4 to search); run([]) would return every output
+        return {}
     existing = {o.name for o in model.graph.output}
     model.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in names if x not in existing)
     probe = path.with_name(f"importance-{path.name}")
