@@ -159,13 +159,13 @@ def _table(results: list[TargetResult], executor: str) -> None:
     for r in results:
         entries = Manifest.from_json(r.manifest).entries if r.manifest else (ModelEntry(),)
         for i, m in enumerate(entries):
-            acc, lat, size = m.accuracy, m.latency or {}, m.size
+            acc, lat, size = m.accuracy, m.latency, m.size
             metric = f"{acc.metric}: {acc.reference:.4f} → {acc.value:.4f}" if "accuracy" in m.present else "-"
             status = r.status if r.passed else r.status.upper()
             table.add_row(
                 r.name if i == 0 else "", r.target if i == 0 else f"  + {m.model_file}", status if i == 0 else ("passed" if acc.passed else "FAILED"),
                 f"{size.model_bytes / 1024:.1f} KiB ({size.ratio:.0%})" if "size" in m.present else "-", metric,
-                f"{lat['p50_ms']:.3f}" if lat else "-", f"{r.seconds:.1f}" if i == 0 else "",
+                f"{lat.p50_ms:.3f}" if "latency" in m.present else "-", f"{r.seconds:.1f}" if i == 0 else "",
                 (str(r.folder) if r.folder else (r.error or "(not written)")) if i == 0 else "",
             )
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)

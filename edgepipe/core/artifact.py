@@ -12,15 +12,15 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgepipe.core.errors import BadInput
+from edgepipe.core.manifest import SCHEMA_VERSION, Manifest, check_schema
 
-SCHEMA_VERSION = 1
 SIGNATURE = "model.sig"  # written after the manifest, over every other file (edgepipe.core.sign)
 MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
@@ -53,12 +53,14 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in manifest.items() if k != "digest"})).hexdigest()
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    manifest = {**manifest, "schema_version": SCHEMA_VERSION, "files": hash_tree(folder)}
-    manifest["content_sha256"] = content_digest(manifest)
-    manifest["digest"] = manifest_digest(manifest)
-    (folder / MANIFEST).write_bytes(canonical(manifest))
-    return manifest
+def write_manifest(folder: Path, manifest: Manifest | Mapping[str, Any]) -> dict[str, Any]:
+    """Seal ``manifest`` (schema version, file hashes, content digest, its own digest) and write it: the JSON written."""
+    typed = manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
+    typed = typed.with_(schema_version=SCHEMA_VERSION, files=hash_tree(folder))
+    typed = typed.with_(content_sha256=content_digest(typed.to_json()))
+    data = typed.with_(digest=manifest_digest(typed.to_json())).to_json()
+    (folder / MANIFEST).write_bytes(canonical(data))
+    return data
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -71,8 +73,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise BadInput(f"{path}: not valid JSON ({exc}); the manifest is damaged, rebuild the artifact") from None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise BadInput(f"{path}: not an edgepipe manifest (no files table); rebuild the artifact")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise BadInput(f"{path}: manifest schema {data.get('schema_version')!r}, this edgepipe reads {SCHEMA_VERSION}")
+    check_schema(data.get("schema_version"), str(path))
     return data
 
 

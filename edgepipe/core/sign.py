@@ -88,12 +88,13 @@ def sign_folder(folder: Path, config: Any) -> Path:
     The files must still match the manifest: signing never blesses a tampered artifact.
     """
     from edgepipe.core.artifact import hash_tree, read_manifest
+    from edgepipe.core.manifest import Manifest
 
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    files = Manifest.from_json(read_manifest(folder)).files or {}
     actual = hash_tree(folder)
-    if actual != manifest["files"]:
-        changed = sorted(p for p in set(actual) | set(manifest["files"]) if actual.get(p) != manifest["files"].get(p))
+    if actual != files:
+        changed = sorted(p for p in set(actual) | set(files) if actual.get(p) != files.get(p))
         raise CheckFailed(f"{folder}: files do not match its manifest ({', '.join(changed)}); not signed, rebuild it")
     fd, tmp = tempfile.mkstemp(prefix=f".{folder.name}.sig-", dir=folder.parent)
     os.close(fd)

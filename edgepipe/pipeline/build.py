@@ -26,7 +26,7 @@ from edgepipe.core.artifact import GOLDEN, ensure_replaceable, remove_stale, sav
 from edgepipe.core.bench import latency, resize_batch
 from edgepipe.core.errors import BadInput, EdgepipeError, PassError, classify, explain
 from edgepipe.core.fanout import current_map, evaluate_batches
-from edgepipe.core.manifest import Manifest
+from edgepipe.core.manifest import Golden, Latency, Manifest, ModelEntry
 from edgepipe.core.result import ERROR, FAILED, PASSED, TargetResult
 from edgepipe.core.runtime import Runner, concat, pad_tokens, run_batches
 from edgepipe.passes import PassContext, create, model_stats
@@ -35,7 +35,7 @@ from edgepipe.pipeline.checks import data_warnings, speed_note, speed_warning
 from edgepipe.pipeline.evaluator import EvalSet
 from edgepipe.pipeline.fallback import failure_reason as budget_failure
 from edgepipe.pipeline.fallback import run_with_fallback
-from edgepipe.pipeline.manifest import model_entry, target_manifest
+from edgepipe.pipeline.manifest import model_source, target_manifest, versions
 from edgepipe.pipeline.outputs import failure_reason as output_failure
 from edgepipe.pipeline.outputs import measure_every_output
 from edgepipe.pipeline.outputs import problems as output_problems
@@ -372,21 +372,25 @@ def _check_and_write(stage: TargetStage, built: list[Built], tmp: Path) -> dict:
         acc, entry = _check_model(stage, b, tmp)
         entries.append((b.key, acc, entry))
     passed = all(acc.passed for _, acc, _ in entries)
-    manifest = dict(entries[0][2])  # the primary model's fields stay at the top level
-    manifest["status"] = "passed" if passed else "failed"
-    manifest["warnings"] = list(dict.fromkeys(w for _, _, e in entries for w in e["warnings"]))
-    for w in manifest["warnings"]:
+    warnings = list(dict.fromkeys(w for _, _, e in entries for w in e.warnings or []))
+    for w in warnings:
         logger.info(f"  warn  {w}")
+    target = stage.target
+    manifest = Manifest.of(
+        entries[0][2].without("warnings"),  # the primary model's fields stay at the top level; its warnings are the folder's
+        name=stage.ctx.recipe.name, target=target.name, description=target.description,
+        status="passed" if passed else "failed", source=model_source(source), versions=versions(), warnings=warnings,
+    )
     if len(entries) > 1:
-        manifest["models"] = [model_entry(key, entry) for key, _, entry in entries]
-    manifest = write_manifest(tmp, manifest)
+        manifest = manifest.with_(models=tuple(entry.with_(variant=key) for key, _, entry in entries))
+    written = write_manifest(tmp, manifest)
     if not passed:
         # Nothing half-trusted is published: the failed artifact is dropped, its manifest reported.
-        raise _Failed(manifest)
-    return manifest
+        raise _Failed(written)
+    return written
 
 
-def _check_model(stage: TargetStage, b: Built, tmp: Path) -> tuple[AccuracyResult, dict]:
+def _check_model(stage: TargetStage, b: Built, tmp: Path) -> tuple[AccuracyResult, ModelEntry]:
     """Emit one model, score it on the eval data, write its golden file; (accuracy, manifest entry)."""
     source, ev, target = stage.ctx.source, stage.ctx.evals, stage.target
     emitted = target.emit(b.model, tmp, stage.tctx, b.key)
@@ -399,32 +403,29 @@ def _check_model(stage: TargetStage, b: Built, tmp: Path) -> tuple[AccuracyResul
         logger.info(f"  check {name}: {problem}")
     golden_file = GOLDEN if b.key == "main" else f"golden.{b.key}.npz"
     quantized = any(p["name"].startswith("quantize") or p["name"] == "fp16" for p in b.pass_log)
-    golden = {"file": golden_file, **_write_golden(tmp / golden_file, runner, ev, target, quantized)}
+    golden = _write_golden(tmp / golden_file, runner, ev, target, quantized)
     feed1 = resize_batch(ev.batches[0][0], runner.fixed_batch() or 1)  # a fixed-shape model takes only its batch
     feed1 = {k: pad_tokens(v, runner.inputs[k].shape) if k in runner.inputs else v for k, v in feed1.items()}  # float and int8 timed on the same feed
-    lat = latency(runner, feed1)
-    entry = target_manifest(name=stage.ctx.recipe.name, target=target.name, description=target.description, source=source,
-                            emitted=emitted, runner=runner, pass_log=b.pass_log, acc=acc, data_origin=ev.origin,
-                            golden=golden, lat=lat, folder=tmp)
-    if b.runtime_cap is not None:
-        entry["runtime"]["requested"] = b.runtime_cap
-    entry["warnings"] = list(ev.warnings) + [p["stats"]["warning"] for p in b.pass_log if p["stats"].get("warning")]
+    lat = Latency.from_json(latency(runner, feed1))
+    warnings = list(ev.warnings) + [p["stats"]["warning"] for p in b.pass_log if p["stats"].get("warning")]
     if any(p["name"].startswith("quantize") for p in b.pass_log):
         # Speed check: int8 that is not faster than float on its runtime says so, with the likely cause.
         float_ms = latency(Runner(source.onnx_path, providers=emitted.providers), feed1)["p50_ms"]
-        entry["latency"]["float_p50_ms"] = float_ms
-        slow = speed_warning(tmp / emitted.model_file, lat["p50_ms"], float_ms, emitted.providers, runner.providers)
-        entry["warnings"] += [f"{name}: {slow}"] if slow else []
-        if note := speed_note(emitted.providers, runner.providers, lat["p50_ms"], float_ms):  # e.g. TensorRT int8 on CPU
-            entry["latency"]["note"] = note
+        lat = lat.with_(float_p50_ms=float_ms)
+        slow = speed_warning(tmp / emitted.model_file, lat.p50_ms, float_ms, emitted.providers, runner.providers)
+        warnings += [f"{name}: {slow}"] if slow else []
+        if note := speed_note(emitted.providers, runner.providers, lat.p50_ms, float_ms):  # e.g. TensorRT int8 on CPU
+            lat = lat.with_(note=note)
+    entry = target_manifest(source=source, emitted=emitted, runner=runner, pass_log=b.pass_log, acc=acc, data_origin=ev.origin,
+                            golden=golden, lat=lat, warnings=warnings, folder=tmp, runtime_cap=b.runtime_cap)
     return acc, entry
 
 
-def _write_golden(path: Path, runner: Runner, ev: EvalSet, target: Target, quantized: bool) -> dict:
+def _write_golden(path: Path, runner: Runner, ev: EvalSet, target: Target, quantized: bool) -> Golden:
     inputs = {k: v[:GOLDEN_SAMPLES] for k, v in ev.batches[0][0].items()}
     expected = run_batches(runner, [(inputs, None)])
     reference = {k: v[: len(next(iter(expected.values())))] for k, v in ev.reference.items()}
     save_golden(path, inputs, expected, reference)
     share, rtol = target.golden_tolerance(quantized)
     scale = max(float(np.abs(v).max(initial=0.0)) for v in expected.values())
-    return {"samples": len(next(iter(inputs.values()))), "atol": max(share * scale, 1e-6), "rtol": rtol}
+    return Golden.of(file=path.name, samples=len(next(iter(inputs.values()))), atol=max(share * scale, 1e-6), rtol=rtol)

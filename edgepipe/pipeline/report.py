@@ -29,7 +29,7 @@ def _e(value: Any) -> str:
 def _scatter(results: list[TargetResult]) -> str:
     """Size (x) vs p50 latency (y), each target a labelled dot with its metric value."""
     pts = [
-        (r, m, int(m.size.model_bytes) / 1024, (m.latency or {}).get("p50_ms", 0.0), len(_models(r.manifest)) == 1)
+        (r, m, int(m.size.model_bytes) / 1024, m.latency.p50_ms, len(_models(r.manifest)) == 1)
         for r in results if r.manifest for m in _models(r.manifest)
     ]
     if not pts:
@@ -104,13 +104,13 @@ def _summary_table(results: list[TargetResult]) -> str:
     for r in results:
         status = "<span class='ok'>passed</span>" if r.passed else f"<span class='bad'>FAILED</span> {_e(r.error or '')}"
         for i, m in enumerate(_models(r.manifest)):
-            acc, lat, size = m.accuracy, m.latency or {}, m.size
+            acc, lat, size = m.accuracy, m.latency, m.size
             rows.append(
                 f"<tr><td>{_e(r.target) if i == 0 else ''}</td><td>{status if i == 0 else ''}</td><td>{_e(m.model_file)}</td>"
                 f"<td>{size.model_bytes / 1024:,.1f} KiB ({size.ratio:.0%} of fp32)</td>"
                 f"<td>{_e(acc.metric)}: {acc.reference:.4f} → {acc.value:.4f} "
                 f"(drop {acc.drop:+.4f}; budget {_e(acc.budget or {})}; {_e(acc.data)} data, {acc.samples} samples)</td>"
-                f"<td>{lat.get('p50_ms', 0):.3f} / {lat.get('p90_ms', 0):.3f}</td>"
+                f"<td>{lat.p50_ms:.3f} / {lat.p90_ms:.3f}</td>"
                 f"<td>{_e(', '.join(m.runtime.providers or []))}</td></tr>"
             )
     head = "<tr><th>target</th><th>status</th><th>file</th><th>size</th><th>accuracy (reference → artifact)</th><th>p50 / p90 ms (b1)</th><th>ran on</th></tr>"
@@ -169,7 +169,7 @@ def _target_section(r: TargetResult) -> str:
             "<figcaption>per-node sensitivity: metric gained when that node alone stays in float</figcaption></figure>"
     from edgepipe.pipeline.decoder.report import generation_section  # text-generation artifacts only; "" otherwise
 
-    sens_plot += generation_section(m)
+    sens_plot += generation_section(Manifest.from_json(m))
     known = {"passes", "warnings", "sensitivity", "files", "digest", "content_sha256", "schema_version"}
     rest = {k: v for k, v in m.items() if k not in known}
     return (f"<h2>{_e(r.target)}: {_e(m.get('description', ''))}</h2>{warnings}"
@@ -179,7 +179,7 @@ def _target_section(r: TargetResult) -> str:
 
 def _distill_section(results: list[TargetResult]) -> str:
     """Teacher vs student, when the build distilled the model first (same record in every target)."""
-    d = next((r.manifest["distill"] for r in results if r.manifest.get("distill")), None)
+    d = next((Manifest.from_json(r.manifest).primary.distill for r in results if r.manifest.get("distill")), None)
     if not d:
         return ""
     t, s, data = d["teacher"], d["student"], d.get("data", {})

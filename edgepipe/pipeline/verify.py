@@ -37,7 +37,7 @@ def verify(folder: Path, trust: Any = None) -> list[Check]:
         result = check_signature(folder, trust)
         checks.append(Check("signature", result.passed, result.detail))
     if all(c.passed for c in checks):
-        checks.extend(_check_golden(folder, manifest))
+        checks.extend(_check_golden(folder, Manifest.from_json(manifest)))
     else:
         checks.append(Check("golden", False, "not run: the artifact's files, manifest or signature do not check out"))
     return checks
@@ -57,9 +57,8 @@ def _check_files(folder: Path, expected: dict[str, str]) -> Check:
     return Check("files", not problems, "; ".join(problems) or f"{len(actual)} files match their sha256")
 
 
-def _check_golden(folder: Path, data: dict) -> list[Check]:
+def _check_golden(folder: Path, manifest: Manifest) -> list[Check]:
     """Golden I/O for every model the folder ships (``models``), or its one ``model_file``."""
-    manifest = Manifest.from_json(data)
     if manifest.is_decoder:  # a decoder: replay the golden prompts' greedy tokens
         from edgepipe.pipeline.decoder.replay import replay
 

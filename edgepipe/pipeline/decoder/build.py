@@ -19,6 +19,20 @@ import onnxruntime as ort
 
 from edgepipe.core.artifact import remove_stale, save_npz, staging, write_manifest
 from edgepipe.core.errors import BadInput
+from edgepipe.core.manifest import (
+    Accuracy,
+    ExportCheck,
+    Generation,
+    Golden,
+    KvCache,
+    Latency,
+    Manifest,
+    ModelEntry,
+    ModelSource,
+    Precision,
+    Runtime,
+    Size,
+)
 from edgepipe.core.result import FAILED, PASSED, TargetResult
 from edgepipe.passes.int4 import Int4Config
 from edgepipe.pipeline.decoder.bench import bench_decoder
@@ -194,7 +208,7 @@ def budget_of(recipe: Recipe, target: str) -> AccuracySpec:
     return recipe.accuracy if "accuracy" in recipe.model_fields_set else DEFAULT_BUDGET
 
 
-def verdict(spec: AccuracySpec, reference: float, value: float) -> dict[str, Any]:
+def verdict(spec: AccuracySpec, reference: float, value: float) -> Accuracy:
     """drop = how much worse (perplexity up, agreement down); budgets as in the rest of edgepipe."""
     drop = value - reference if spec.metric == "perplexity" else reference - value
     percent = 100.0 * drop / reference if reference else 0.0
@@ -207,15 +221,15 @@ def verdict(spec: AccuracySpec, reference: float, value: float) -> dict[str, Any
     if spec.min_value is not None:
         budget["min_value"] = spec.min_value
         ok = ok and (value <= spec.min_value if spec.metric == "perplexity" else value >= spec.min_value)
-    return {"metric": spec.metric, "reference": round(reference, 6), "value": round(value, 6), "drop": round(drop, 6),
-            "percent_drop": round(percent, 4), "budget": budget, "passed": bool(ok)}
+    return Accuracy.of(metric=spec.metric, reference=round(reference, 6), value=round(value, 6), drop=round(drop, 6),
+                       percent_drop=round(percent, 4), budget=budget, passed=bool(ok))
 
 
 def _accept(spec: AccuracySpec, ref: Reference) -> Callable[[TeacherForced], bool]:
     def accept(tf: TeacherForced) -> bool:
         if spec.metric == "perplexity":
-            return verdict(spec, ref.teacher.perplexity, tf.perplexity)["passed"]
-        return verdict(spec, 1.0, agreement(ref.teacher.logits, tf.logits)["top1"])["passed"]
+            return verdict(spec, ref.teacher.perplexity, tf.perplexity).passed
+        return verdict(spec, 1.0, agreement(ref.teacher.logits, tf.logits)["top1"]).passed
 
     return accept
 
@@ -315,7 +329,7 @@ class _Failed(Exception):
 
 
 def _save(model: onnx.ModelProto, form: Form, tmp: Path) -> dict[str, Any]:
-    """Write the form's model file(s); returns the form's manifest extras."""
+    """Write the form's model file(s); returns the form's target extras for the manifest (mobile: the .ort file)."""
     if form.ort_format:
         return {"mobile": write_ort(model, tmp)}
     onnx.save_model(model, str(tmp / form.model_file), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -326,12 +340,11 @@ def _save(model: onnx.ModelProto, form: Form, tmp: Path) -> dict[str, Any]:
 
 
 def _emit_and_check(lay: Layout, form: Form, lm: CausalLM, texts: Texts, ref: Reference, exported: Exported,
-                    model: onnx.ModelProto, passes: list[dict], spec: AccuracySpec, tmp: Path) -> dict:
+                    model: onnx.ModelProto, passes: list[dict], spec: AccuracySpec, tmp: Path) -> ModelEntry:
     """Write one model of the folder and run the generation checks on the written file: its manifest entry."""
     extras = _save(model, form, tmp)
     path = tmp / form.model_file
-    if form.fp16:
-        extras["checked_on"] = precision_on_cpu(path, tmp.parent / f".as-run-{os.getpid()}")
+    checked_on = precision_on_cpu(path, tmp.parent / f".as-run-{os.getpid()}") if form.fp16 else None
     providers = [p for p in lay.providers if p in ort.get_available_providers()]  # CUDA where present, else CPU
     dec = OrtDecoder(path, threads=CHECK_THREADS, providers=providers)
     if form.model_file == lay.genai_model:
@@ -343,67 +356,71 @@ def _emit_and_check(lay: Layout, form: Form, lm: CausalLM, texts: Texts, ref: Re
     tokens = [greedy(dec, p, texts.max_new_tokens, ref.eos) for p in texts.prompts]
     match = [matched(r, t) for r, t in zip(ref.greedy, tokens, strict=True)]
     acc = verdict(spec, ref.teacher.perplexity, tf.perplexity) if spec.metric == "perplexity" else verdict(spec, 1.0, agree["top1"])
-    acc.update({"output": "logits", "samples": len(texts.eval), "data": "eval"})
-    generation = {
-        "perplexity": {"reference": round(ref.teacher.perplexity, 4), "artifact": round(tf.perplexity, 4),
-                       "increase": round(tf.perplexity / ref.teacher.perplexity - 1, 4)},
-        "next_token": {k: round(v, 6) if isinstance(v, float) else v for k, v in agree.items()},
-        "greedy": {"prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "matched": match,
-                   "mean_matched": round(float(np.mean(match)), 2),
-                   "identical": sum(m == len(r) for m, r in zip(match, ref.greedy, strict=True))},
-        "eos_token_ids": ref.eos,
-    }
-    logger.info(f"  check {form.model_file}: perplexity {ref.teacher.perplexity:.3f} → {tf.perplexity:.3f} ({100 * generation['perplexity']['increase']:+.1f}%, "
-        f"budget {acc['budget']}) {'ok' if acc['passed'] else 'FAILED'}; next-token top-1 {agree['top1']:.3f}, "
-        f"greedy matched {generation['greedy']['mean_matched']:.1f}/{texts.max_new_tokens} tokens on average")
+    acc = acc.with_(output="logits", samples=len(texts.eval), data="eval")
+    increase = round(tf.perplexity / ref.teacher.perplexity - 1, 4)
+    greedy_ = {"prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "matched": match,
+               "mean_matched": round(float(np.mean(match)), 2),
+               "identical": sum(m == len(r) for m, r in zip(match, ref.greedy, strict=True))}
+    generation = Generation.of(
+        perplexity={"reference": round(ref.teacher.perplexity, 4), "artifact": round(tf.perplexity, 4), "increase": increase},
+        next_token={k: round(v, 6) if isinstance(v, float) else v for k, v in agree.items()}, greedy=greedy_, eos_token_ids=ref.eos,
+    )
+    logger.info(f"  check {form.model_file}: perplexity {ref.teacher.perplexity:.3f} → {tf.perplexity:.3f} ({100 * increase:+.1f}%, "
+        f"budget {acc.budget}) {'ok' if acc.passed else 'FAILED'}; next-token top-1 {agree['top1']:.3f}, "
+        f"greedy matched {greedy_['mean_matched']:.1f}/{texts.max_new_tokens} tokens on average")
     golden = {f"prompt/{i}": p for i, p in enumerate(texts.prompts)} | {f"tokens/{i}": np.asarray(t, np.int64) for i, t in enumerate(tokens)}
     save_npz(tmp / form.golden_file, golden)
-    speed = bench_decoder(OrtDecoder(path, providers=providers), texts.eval[0])  # speed on the runtime's default threads
-    logger.info(f"  bench prefill {speed['prefill_tokens']} tokens {speed['prefill_ms']:.1f} ms, decode {speed['decode_tokens_per_s']:.1f} tokens/s")
+    bench = bench_decoder(OrtDecoder(path, providers=providers), texts.eval[0])  # speed on the runtime's default threads
+    logger.info(f"  bench prefill {bench['prefill_tokens']} tokens {bench['prefill_ms']:.1f} ms, decode {bench['decode_tokens_per_s']:.1f} tokens/s")
+    speed = Latency.from_json(bench)
     if form.fp16 and dec.session.get_providers()[0] == "CPUExecutionProvider":
-        speed["note"] = FP16_SPEED_NOTE
+        speed = speed.with_(note=FP16_SPEED_NOTE)
     size = sum(p.stat().st_size for p in tmp.glob(form.model_file + "*"))
     fp32 = sum(p.stat().st_size for p in exported.path.parent.glob("model.onnx*"))
     io = next(i for i in dec.session.get_inputs() if i.name.startswith("past_key_values"))
-    return {
-        "model_file": form.model_file, "form": form.key, "status": "passed" if acc["passed"] else "failed",
-        "precision": {"activations": "float16" if form.fp16 else "float32", "kv_cache": {"float": "float32"}.get(io.type[7:-1], io.type[7:-1]),
-                      "weights": "int4" if form.quantized else ("float16" if form.fp16 else "float32"), "batch": form.batch or "dynamic"},
-        "runtime": {"name": "onnxruntime", "version": _versions()["onnxruntime"], "providers": dec.session.get_providers(),
-                    "requested_providers": lay.providers, "session_config": {},
-                    **({"genai_config": "genai_config.json"} if form.model_file == lay.genai_model else {})},
-        "inputs": [{"name": i.name, "dtype": i.type, "shape": i.shape} for i in dec.session.get_inputs()[:3]],
-        "outputs": [{"name": o.name, "dtype": o.type, "shape": o.shape} for o in dec.session.get_outputs()[:3]],
-        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0), "ir_version": model.ir_version,
-        "size": {"model_bytes": size, "fp32_bytes": fp32, "ratio": round(size / fp32, 4) if fp32 else 0.0},
-        "passes": passes, "accuracy": acc, "generation": generation,
-        "golden": {"file": form.golden_file, "prompts": len(tokens), "max_new_tokens": texts.max_new_tokens, "eos_token_ids": ref.eos,
-                   "threads": CHECK_THREADS},
-        "latency": speed, **extras,
-    }
+    runtime = Runtime.of(name="onnxruntime", version=_versions()["onnxruntime"], providers=dec.session.get_providers(),
+                         requested_providers=lay.providers, session_config={})
+    entry = ModelEntry.of(
+        model_file=form.model_file, form=form.key, status="passed" if acc.passed else "failed",
+        precision=Precision.of(activations="float16" if form.fp16 else "float32",
+                               kv_cache={"float": "float32"}.get(io.type[7:-1], io.type[7:-1]),
+                               weights="int4" if form.quantized else ("float16" if form.fp16 else "float32"), batch=form.batch or "dynamic"),
+        runtime=runtime.with_(genai_config="genai_config.json") if form.model_file == lay.genai_model else runtime,
+        inputs=[{"name": i.name, "dtype": i.type, "shape": i.shape} for i in dec.session.get_inputs()[:3]],
+        outputs=[{"name": o.name, "dtype": o.type, "shape": o.shape} for o in dec.session.get_outputs()[:3]],
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0), ir_version=model.ir_version,
+        size=Size.of(model_bytes=size, fp32_bytes=fp32, ratio=round(size / fp32, 4) if fp32 else 0.0),
+        passes=passes, accuracy=acc, generation=generation,
+        golden=Golden.of(file=form.golden_file, prompts=len(tokens), max_new_tokens=texts.max_new_tokens, eos_token_ids=ref.eos,
+                         threads=CHECK_THREADS),
+        latency=speed, extra=extras,
+    )
+    return entry.with_(checked_on=checked_on) if checked_on is not None else entry
 
 
 def _write_manifest(recipe: Recipe, lay: Layout, lm: CausalLM, exported: Exported, tokenizer_files: list[Path],
-                    entries: list[dict], tmp: Path) -> dict:
+                    entries: list[ModelEntry], tmp: Path) -> dict:
     """The folder's manifest: its first model's entry at the top (the artifact contract), every model under ``models``."""
     for f in tokenizer_files:
         shutil.copyfile(f, tmp / f.name)
-    passed = all(e["status"] == "passed" for e in entries)
-    manifest = {
-        "name": recipe.name, "target": lay.target, "description": lay.description, "task": "text-generation",
-        **entries[0], "status": "passed" if passed else "failed",
-        "kv_cache": {"layers": exported.geometry["layers"], "kv_heads": exported.geometry["kv_heads"],
-                     "head_size": exported.geometry["head_size"], "past": "past_key_values.%d.key|value", "present": "present.%d.key|value"},
-        "source": {"kind": "gguf" if recipe.model.gguf else "hf", "origin": lm.origin, "export": exported.backend,
-                   "export_check": {"cases": len(exported.checks), "passed": all(c["passed"] for c in exported.checks),
-                                    "max_abs": max(c["max_abs"] for c in exported.checks), "checks": exported.checks}},
-        "versions": _versions(),
-        "warnings": list(dict.fromkeys(p["stats"]["warning"] for e in entries for p in e.get("passes") or []
-                                       if p.get("stats", {}).get("warning"))),
-    }
+    passed = all(e.status == "passed" for e in entries)
+    geometry = exported.geometry
+    check = ExportCheck.of(cases=len(exported.checks), passed=all(c["passed"] for c in exported.checks),
+                           max_abs=max(c["max_abs"] for c in exported.checks), checks=exported.checks)
+    manifest = Manifest.of(
+        entries[0].without("status"),  # the folder's status is the manifest's
+        name=recipe.name, target=lay.target, description=lay.description, task="text-generation",
+        status="passed" if passed else "failed",
+        kv_cache=KvCache.of(layers=geometry["layers"], kv_heads=geometry["kv_heads"], head_size=geometry["head_size"],
+                            past="past_key_values.%d.key|value", present="present.%d.key|value"),
+        source=ModelSource.of(kind="gguf" if recipe.model.gguf else "hf", origin=lm.origin, export=exported.backend, export_check=check),
+        versions=_versions(),
+        warnings=list(dict.fromkeys(p["stats"]["warning"] for e in entries for p in e.passes or []
+                                    if p.get("stats", {}).get("warning"))),
+    )
     if len(entries) > 1:
-        manifest["models"] = entries
-    manifest = write_manifest(tmp, manifest)
+        manifest = manifest.with_(models=tuple(entries))
+    written = write_manifest(tmp, manifest)
     if not passed:
-        raise _Failed(manifest)
-    return manifest
+        raise _Failed(written)
+    return written

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import html
-from typing import Any
+
+from edgepipe.core.manifest import Manifest, ModelEntry
 
 
-def generation_section(manifest: dict[str, Any]) -> str:
+def generation_section(manifest: Manifest) -> str:
     """One table per model the folder ships (a gpu folder: fp16 and int4)."""
-    models = manifest.get("models") or [manifest]
-    return "".join(_table(m, f" ({m['model_file']})" if len(models) > 1 else "") for m in models if m.get("generation"))
+    models = manifest.entries
+    return "".join(_table(m, f" ({m.model_file})" if len(models) > 1 else "") for m in models if "generation" in m.present)
 
 
-def _table(manifest: dict[str, Any], title: str) -> str:
-    gen = manifest["generation"]
-    ppl, nt, gr, lat = gen["perplexity"], gen["next_token"], gen["greedy"], manifest.get("latency", {})
+def _table(entry: ModelEntry, title: str) -> str:
+    gen, lat = entry.generation, entry.latency
+    ppl, nt, gr = gen.perplexity or {}, gen.next_token or {}, gen.greedy or {}
     rows = [
         ("perplexity (eval text)", f"{ppl['reference']:.3f} (PyTorch) → {ppl['artifact']:.3f} ({100 * ppl['increase']:+.1f} %)"),
         ("next-token top-1 agreement (teacher-forced)", f"{nt['top1']:.4f} over {nt['positions']} positions"),
