@@ -73,9 +73,11 @@ def pytest_configure(config):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """For `--dist loadscope`: one work unit per file (its module fixtures are set up once), the SAME_WORKER files
-    in one unit, the LONGEST_FIRST units first. pytest-xdist calls this in the controller, and only with -n."""
-    if config.getvalue("dist") != "loadscope":
+    """One work unit per file (its module fixtures are set up once), the SAME_WORKER files in one unit, the
+    LONGEST_FIRST units first. pytest-xdist calls this in the controller, and only with -n; it applies to
+    `--dist loadscope` and to `load` (what a bare `-n 2` means: one test per unit would set a file's module
+    fixtures up on both workers and could start two Rays at once)."""
+    if config.getvalue("dist") not in ("load", "loadscope"):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
