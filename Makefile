@@ -22,8 +22,10 @@ demo: install
 	for t in cpu mobile gpu; do $(VENV)/bin/edgepipe verify $(OUT)/digits-cnn/$$t || exit 1; done
 	@echo "artifacts: $(OUT)/digits-cnn/<target>/   report: $(OUT)/digits-cnn/report.html"
 
+# Two pytest-xdist workers, one test file per unit (docs/testing.md); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 lint: install
 	$(VENV)/bin/ruff check edgepipe passes targets tests models benchmarks

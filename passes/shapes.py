@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
-from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed, make_input_shape_fixed
 from pydantic import Field
 
 from edgepipe.core.errors import BadInput
@@ -24,6 +23,10 @@ class FixShapes(EdgepipePass):
     Config = FixShapesConfig
 
     def call(self, model: ir.Model) -> StatsResult:
+        # Here, not at the top: `onnxruntime.tools` imports torch when it is installed (1.3 s), and every driver
+        # process imports the passes (the build's preflight) without needing torch.
+        from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed, make_input_shape_fixed
+
         proto = ir.to_proto(model)
         graph = proto.graph
         inits = {i.name for i in graph.initializer}

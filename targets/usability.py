@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import onnx
-from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
 from edgepipe.core.errors import one_line
+
+if TYPE_CHECKING:
+    from onnxruntime.tools.mobile_helpers.usability_checker import PartitioningInfo
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,10 @@ def usability(proto: onnx.ModelProto, infer: bool = True) -> dict[str, dict]:
     ``infer``: run onnx shape inference first (not for a graph read from a .ort, which holds ORT's own shapes).
     A model whose shapes cannot be inferred gets an entry saying so (verdict UNKNOWN) instead of a crash.
     """
+    # Here, not at the top: `onnxruntime.tools` imports torch when it is installed (1.2 s), and every driver
+    # process imports the targets (the build's preflight) without needing torch.
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
     try:
         inferred = onnx.shape_inference.infer_shapes(proto) if infer else proto
         nnapi = uc.check_nnapi_partitions(inferred, require_fixed_input_sizes=True)
@@ -68,13 +75,15 @@ def _reasons(node: onnx.NodeProto, checker, value_info: dict, inits: set[str], e
     if over:
         name, rank = next(iter(over.items()))
         reasons.append(f"input '{name}' has rank {rank}; {ep} takes rank {max_rank} at most")
-    unknown = [i for i in node.input if not (uc.is_fixed_size_tensor(value_info[i]) if i in value_info else i in inits)]
+    from onnxruntime.tools.mobile_helpers.usability_checker import is_fixed_size_tensor
+
+    unknown = [i for i in node.input if not (is_fixed_size_tensor(value_info[i]) if i in value_info else i in inits)]
     if unknown:
         reasons.append(f"input '{unknown[0]}' has a dynamic or unknown shape")
     return reasons
 
 
-def _info(info: uc.PartitioningInfo, proto: onnx.ModelProto, ep: str) -> dict:
+def _info(info: PartitioningInfo, proto: onnx.ModelProto, ep: str) -> dict:
     checker = info.supported_ops_checker
     unsupported = []
     for graph, value_info, inits, path in _graphs(proto.graph, {}, set(), ""):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing.util
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -50,6 +53,51 @@ def system_temp(tmp_path_factory):
         assert not left, f"the tests left {left} in the system temp folder"
 
 
+# ---------------------------------------------------------------- parallel runs (`make test`: pytest-xdist, 2 workers)
+
+# Test files that must not run at the same time as each other: each starts its own local Ray (/tmp/ray, 2 CPUs).
+SAME_WORKER = {"tests/test_executor.py": "ray", "tests/test_sensitivity_fanout.py": "ray"}
+# The longest work units (benchmarks/RESULTS.md, "Test-suite wall time"), handed out first so that the many short
+# files fill the end of the run on both workers. Only an order: a file missing here still runs, later.
+LONGEST_FIRST = ["ray", "tests/test_hf_minilm.py", "tests/test_reliability.py", "tests/test_text_targets.py",
+                 "tests/test_budget_checks.py", "tests/test_mobile_target.py"]
+
+
+def pytest_configure(config):
+    # Started by a non-interactive shell's `cmd &`, this process ignores SIGINT, and so would every `python -m
+    # edgepipe` a test starts (an ignored signal stays ignored across exec): the tests that interrupt a build need
+    # it delivered. A handler (not an ignore) is reset to the default in the child, where Python installs its own.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """One work unit per file (its module fixtures are set up once), the SAME_WORKER files in one unit, the
+    LONGEST_FIRST units first. pytest-xdist calls this in the controller, and only with -n; it applies to
+    `--dist loadscope` and to `load` (what a bare `-n 2` means: one test per unit would set a file's module
+    fixtures up on both workers and could start two Rays at once)."""
+    if config.getvalue("dist") not in ("load", "loadscope"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SAME_WORKER.get(path, path)
+
+        def _assign_work_unit(self, node) -> None:
+            if not getattr(self, "ordered", False):  # the first call: the queue is complete
+                rank = {scope: i for i, scope in enumerate(LONGEST_FIRST)}
+                units = sorted(self.workqueue.items(), key=lambda item: rank.get(item[0], len(rank)))
+                self.workqueue.clear()
+                self.workqueue.update(units)
+                self.ordered = True
+            super()._assign_work_unit(node)
+
+    return ByFile(config, log)
+
+
 # ---------------------------------------------------------------- suite speed (shared fixtures; see docs/testing.md)
 
 
@@ -65,12 +113,37 @@ def warm_build_children():
     executor.PRELOAD = saved
 
 
+@contextlib.contextmanager
+def once_per_run(tmp_path_factory, name: str):
+    """Yields the path of a shared file ``name`` for this run, holding a lock on it.
+
+    Under pytest-xdist (`make test`), every worker is its own session: a session fixture would be built once per
+    worker. The first worker to get here builds and writes the path; the others wait for the lock and read it.
+    Without xdist the folder is this session's own.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the run's workers (each has its own basetemp below it)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield root / name
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def digits_build(tmp_path_factory) -> Path:
-    """OUT folder of one real `edgepipe build` of the digits recipe (cpu, mobile and gpu targets)."""
-    out = tmp_path_factory.mktemp("digits-out")
-    assert main(["build", str(DIGITS / "recipe.yaml"), "-o", str(out), "--quiet"]) == 0
-    return out / "digits-cnn"
+    """OUT folder of one real `edgepipe build` of the digits recipe (cpu, mobile and gpu targets): read-only.
+
+    Built once per run, shared by the xdist workers."""
+    with once_per_run(tmp_path_factory, "digits-build.path") as done:
+        if done.exists():
+            return Path(done.read_text())
+        out = Path(tempfile.mkdtemp(prefix="digits-out-", dir=done.parent))
+        assert main(["build", str(DIGITS / "recipe.yaml"), "-o", str(out), "--quiet"]) == 0
+        done.write_text(str(out / "digits-cnn"))
+        return out / "digits-cnn"
 
 
 @pytest.fixture

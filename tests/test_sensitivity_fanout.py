@@ -26,12 +26,15 @@ def ray_local():
     import ray
 
     os.environ["EDGEPIPE_FANOUT_MIN_SECONDS"] = "0"  # fan out even the digits model's millisecond runs
+    # Ray runs its workers at nice 15: beside another test worker (`make test`) they would get almost no CPU.
+    os.environ["RAY_worker_niceness"] = "0"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
         ray.shutdown()
         os.environ.pop("EDGEPIPE_FANOUT_MIN_SECONDS", None)
+        os.environ.pop("RAY_worker_niceness", None)
 
 
 @pytest.fixture(scope="module")

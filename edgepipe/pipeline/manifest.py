@@ -83,7 +83,7 @@ def versions() -> dict[str, str]:
     try:
         import torch
 
-        versions["torch"] = torch.__version__
+        versions["torch"] = str(torch.__version__)  # a str subclass of torch's: unpickling it (a build child's result) imported torch
     except ImportError:
         pass
     return versions
