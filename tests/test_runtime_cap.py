@@ -13,6 +13,7 @@ from conftest import DIGITS, write_recipe
 
 from edgepipe.cli import main
 from edgepipe.core.errors import BadInput
+from edgepipe.sources.accuracy import compare
 from edgepipe.targets.compat import ORT_LIMITS, cap, requested
 
 RELU21 = """<ir_version: 10, opset_import: ["" : 21]>
@@ -193,3 +194,80 @@ def test_a_used_ml_domain_newer_than_the_runtime_is_refused():
     g (float[N, 2] x) => (float[N, 2] y) { y = ai.onnx.ml.Normalizer <norm = "L2"> (x) }""")
     with pytest.raises(BadInput, match="ai.onnx.ml opset 5"):
         cap(ir.from_proto(model), "1.17")
+
+
+def _encoder(layers: int = 2, d: int = 128, ff: int = 512, smooth: float = 8.0) -> onnx.ModelProto:
+    """A small transformer-like encoder (pre-LN residual MLP blocks, final LayerNorm and projection) whose final
+    LayerNorm's scale was moved into the projection's weights the way smoothquant moves it (the same float function):
+    a few large weights read small activations, as in the MiniLM cpu artifact."""
+    rng = np.random.default_rng(0)
+    h, inits, nodes, x = onnx.helper, [], [], "x"
+
+    def init(name: str, value: np.ndarray) -> str:
+        inits.append(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+        return name
+
+    for i in range(layers):
+        ln = [x, init(f"g{i}", 1 + 0.1 * rng.standard_normal(d)), init(f"b{i}", 0.1 * rng.standard_normal(d))]
+        nodes += [h.make_node("LayerNormalization", ln, [f"ln{i}"], axis=-1),
+                  h.make_node("MatMul", [f"ln{i}", init(f"w{i}", rng.standard_normal((d, ff)) / np.sqrt(d))], [f"h{i}"]),
+                  h.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+                  h.make_node("MatMul", [f"r{i}", init(f"v{i}", rng.standard_normal((ff, d)) / np.sqrt(ff))], [f"o{i}"]),
+                  h.make_node("Add", [x, f"o{i}"], [f"x{i + 1}"])]
+        x = f"x{i + 1}"
+    gamma, proj = np.ones(d), rng.standard_normal((d, d)) / np.sqrt(d)
+    gamma[::2], proj[::2] = 1 / smooth, proj[::2] * smooth
+    nodes += [h.make_node("LayerNormalization", [x, init("gf", gamma), init("bf", np.zeros(d))], ["lnf"], axis=-1),
+              h.make_node("MatMul", ["lnf", init("proj", proj)], ["y"])]
+    graph = h.make_graph(nodes, "encoder", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 64, d])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 64, d])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _layernorm_in_double(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every LayerNormalization computed in float64 and rounded once: a float kernel that rounds
+    differently, as onnxruntime 1.17.3's LayerNormalization does from 1.32's (benchmarks/runtime_caps.py)."""
+    h, out, nodes = onnx.helper, onnx.ModelProto(), []
+    out.CopyFrom(model)
+    for n in out.graph.node:
+        if n.op_type != "LayerNormalization":
+            nodes.append(n)
+            continue
+        casts = [h.make_node("Cast", [i], [f"{i}__f64"], to=onnx.TensorProto.DOUBLE) for i in n.input]
+        ln = h.make_node("LayerNormalization", [c.output[0] for c in casts], [f"{n.output[0]}__f64"], axis=-1)
+        nodes += [*casts, ln, h.make_node("Cast", ln.output, [n.output[0]], to=onnx.TensorProto.FLOAT)]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_capped_int8_golden_covers_a_release_whose_float_kernels_round_differently(tmp_path):
+    """The MiniLM cpu artifact capped for 1.17 failed its golden check on 1.17.3 (max |Δ| 0.0051, atol 0.0019):
+    1.17.3's LayerNormalization rounds differently and dynamic int8 turns one rounding into quantization steps.
+    A capped int8 build's golden atol now covers that, measured on the model; an uncapped build's is unchanged."""
+    onnx.save(_encoder(), str(tmp_path / "encoder.onnx"))
+    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(5).standard_normal((8, 64, 128)).astype(np.float32))
+    base = ("name: enc\nmodel: {onnx: encoder.onnx}\ninputs: [{name: x, shape: [batch, 64, 128]}]\ndata: {eval: eval.npz}\n"
+            "accuracy: {metric: cosine, min_value: 0.9}\n")
+    passes = "passes: [{name: quantize.dynamic, per_channel: true, reduce_range: false}], speed_check: false"
+    goldens = {}
+    for name, runtime in (("capped", ', runtime: {onnxruntime: "1.17"}'), ("uncapped", "")):
+        (tmp_path / f"{name}.yaml").write_text(base + f"targets: {{cpu: {{{passes}{runtime}}}}}\n")
+        assert main(["build", str(tmp_path / f"{name}.yaml"), "-o", str(tmp_path / name), "-q"]) == 0
+        folder = tmp_path / name / "enc" / "cpu"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        with np.load(folder / "golden.npz") as npz:
+            feed, want = {"x": npz["input/x"]}, npz["expected/y"]
+        other = ort.InferenceSession(_layernorm_in_double(onnx.load(str(folder / "model.onnx"))).SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        goldens[name] = manifest["golden"], compare(other, want, manifest["golden"]["atol"], manifest["golden"]["rtol"])
+    uncapped, uncapped_cmp = goldens["uncapped"]
+    capped, capped_cmp = goldens["capped"]
+    assert "tolerance" not in uncapped and uncapped["atol"] == pytest.approx(0.01 * np.abs(want).max(), rel=1e-6)
+    assert not uncapped_cmp["passed"]  # the finding: the target's own tolerance fails on the other kernel
+    assert capped_cmp["passed"], (capped_cmp, capped)  # the capped artifact's golden check passes on it
+    rounding = capped["tolerance"]["float_rounding"]
+    assert capped["atol"] == pytest.approx(rounding["atol"]) and rounding["quantizers"] == 5
+    assert capped["tolerance"]["target_atol"] == pytest.approx(uncapped["atol"], rel=1e-3)
