@@ -104,7 +104,10 @@ def run_with_fallback(
         why = f"no int8 model met the budget (tried {tried}): shipped float"
         logger.info(f"        {why}")
         record = {"name": FALLBACK, "params": {"dropped": chain[index]}, "modified": True,
-                  "stats": {"summary": why, "warning": f"{target}: {why}", "tried": tried}}
+                  "stats": {"summary": why, "warning": f"{target}: {why}", "tried": tried, "fallback_from": origin,
+                            "quantize.auto": {"max_float": auto["max_float"], "kept_float": len(stats.get("kept_float") or []),
+                                              "nodes": len(stats.get("sensitivity") or []),
+                                              "metric": stats.get("final_metric")}}}
         after, after_log = run(chain[index + 1 :], pctx, before)
         return after, [*before_log, record, *after_log]
     after, after_log = run(chain[index + 1 :], pctx, fixed)
