@@ -152,7 +152,7 @@ def _tried(stats: dict[str, Any]) -> str:
         tried += (f", quantize.auto with the {kept} most sensitive of {ranked} nodes in "
                   f"float {stats.get('final_metric', float('nan')):.4f}")
         if kept < ranked:
-            tried += " (the most allowed: more is in effect a float model, not faster)"
+            tried += " (the most its max_float allows)"
     return tried
 
 
