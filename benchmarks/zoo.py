@@ -227,7 +227,9 @@ def speed_check(entry: dict) -> dict:
     names = [p.get("name") for p in passes]
     speed = next((p["stats"]["speed"] for p in passes if "speed" in (p.get("stats") or {})), None)
     if "budget.fallback" in names:
-        return {"shipped": "float (no int8 met the budget)", "check_speedup": 1.0}
+        record = passes[names.index("budget.fallback")].get("stats") or {}
+        why = "int8 missed the budget as emitted" if "as_emitted" in record else "no int8 met the budget"
+        return {"shipped": f"float ({why})", "check_speedup": 1.0}
     if speed is None:
         return {"shipped": "int8" if any(str(n).startswith("quantize") for n in names) else "-"}
     choice = speed["choice"]

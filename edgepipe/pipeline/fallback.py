@@ -129,10 +129,11 @@ def float_after_all(target: str, spec: TargetSpec, chain: list[dict[str, Any]], 
     if found is None or target not in FLOAT_TARGETS or not chosen:
         return None
     index = found[0]
+    missed_by = why
     why = f"the int8 model the budget fallback chose missed the budget as emitted ({why}): shipped float"
     logger.info(f"        {why}")
     record = {"name": FALLBACK, "params": {"dropped": chain[index]}, "modified": True,
-              "stats": {"summary": why, "warning": f"{target}: {why}", "tried": why}}
+              "stats": {"summary": why, "warning": f"{target}: {why}", "tried": why, "as_emitted": missed_by}}
     before, before_log = run(chain[:index], pctx, model)
     after, after_log = run(chain[index + 1 :], pctx, before)
     return after, [*before_log, record, *after_log]
