@@ -227,7 +227,9 @@ def speed_check(entry: dict) -> dict:
     names = [p.get("name") for p in passes]
     speed = next((p["stats"]["speed"] for p in passes if "speed" in (p.get("stats") or {})), None)
     if "budget.fallback" in names:
-        return {"shipped": "float (no int8 met the budget)", "check_speedup": 1.0}
+        record = passes[names.index("budget.fallback")].get("stats") or {}
+        why = "int8 missed the budget as emitted" if "as_emitted" in record else "no int8 met the budget"
+        return {"shipped": f"float ({why})", "check_speedup": 1.0}
     if speed is None:
         return {"shipped": "int8" if any(str(n).startswith("quantize") for n in names) else "-"}
     choice = speed["choice"]
@@ -237,9 +239,33 @@ def speed_check(entry: dict) -> dict:
             "check_speedup": round(float_ms / shipped_ms, 2) if choice != "float" else 1.0}
 
 
+COLUMNS = ["model", "target", "status", "metric", "size_ratio", "p50_ms", "float_p50_ms", "speedup", "check_float_ms",
+           "check_ms", "check_speedup", "shipped", "seconds"]  # print_table's columns, in order
+
+
+def markdown_rows(text: str) -> list[dict]:
+    """Rows of tables that print_table wrote (e.g. pasted into benchmarks/RESULTS.md): its 13 columns, '-' = none."""
+    found = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) != len(COLUMNS) or cells[0] in ("model", "---"):
+            continue
+        row: dict = {}
+        for key, cell in zip(COLUMNS, cells, strict=True):
+            if key in ("model", "target", "status", "shipped"):
+                row[key] = cell
+            elif cell not in ("-", ""):
+                row[key] = float(cell.rstrip("x%")) / (100 if cell.endswith("%") else 1)
+        found.append(row)
+    return found
+
+
 def load_rows(path: Path) -> list[dict]:
-    """Rows from a --json file, or from a run's stdout (one JSON row a line: a run cut short still counts)."""
+    """Rows from a --json file, a run's stdout (one JSON row a line: a run cut short still counts), or a markdown
+    table that print_table wrote (.md)."""
     text = path.read_text()
+    if path.suffix == ".md":
+        return markdown_rows(text)
     try:
         return json.loads(text)
     except ValueError:
@@ -270,7 +296,7 @@ def main() -> int:
     p.add_argument("--targets", default="cpu,mobile,gpu")
     p.add_argument("--out", default="/tmp/edgepipe-zoo")
     p.add_argument("--json", help="write the rows here too")
-    p.add_argument("--table", nargs="+", metavar="FILE", help="no builds: the table and geometric means of earlier runs (--json files or stdout logs; a model in a later file replaces its earlier rows)")
+    p.add_argument("--table", nargs="+", metavar="FILE", help="no builds: the table and geometric means of earlier runs (--json files, stdout logs or .md tables; a model in a later file replaces its earlier rows)")
     args = p.parse_args()
     if args.table:
         runs = [load_rows(Path(f)) for f in args.table]

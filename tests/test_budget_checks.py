@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def test_constant_artifact_output_fails_even_when_the_metric_passes():
 
 
 def test_default_chain_falls_back_to_quantize_auto_when_int8_misses_the_budget(tmp_path, capsys):
-    code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}", "[cpu, mobile, gpu]")
+    """Plain int8 and its percentile re-calibration (cpu, mobile) miss 0.96; quantize.auto keeps a few nodes float."""
+    code, summary = _build(tmp_path, capsys, "outlier_deep_mlp", 8, "{metric: cosine, min_value: 0.96}", "[cpu, mobile, gpu]")
     assert code == 0
     for target in summary["units"]:
         manifest = json.loads((Path(target["folder"]) / "manifest.json").read_text())
@@ -70,13 +72,65 @@ def test_default_chain_falls_back_to_quantize_auto_when_int8_misses_the_budget(t
         assert not {"quantize.static", "quantize.tensorrt"} & set(names) and "quantize.auto" in names
         auto = manifest["passes"][names.index("quantize.auto")]
         assert auto["params"]["method"] == ("tensorrt" if target["target"] == "gpu" else "static")
-        assert auto["stats"]["fallback_from"]["metric"] < 0.999 <= manifest["accuracy"]["value"]
-        assert 0 < len(auto["stats"]["kept_float"]) < len(auto["stats"]["sensitivity"])  # some nodes stay int8
+        origin = auto["stats"]["fallback_from"]
+        assert origin["metric"] < 0.96 <= manifest["accuracy"]["value"]
+        assert 0 < len(auto["stats"]["kept_float"]) <= len(auto["stats"]["sensitivity"]) / 2  # most nodes stay int8
+        if target["target"] != "gpu":  # calibrated twice first (MinMax, percentile), both short of the budget
+            assert [c["calibration"] for c in origin["calibrations"]] == ["minmax", "percentile 99.999"]
+            assert all(c["metric"] < 0.96 for c in origin["calibrations"])
         if target["target"] == "cpu":
             _assert_shipped_as_scored(auto["stats"], Path(target["folder"]) / "model.onnx", manifest["accuracy"]["value"])
     mobile = summary["units"][1]
     params = json.loads((Path(mobile["folder"]) / "manifest.json").read_text())["passes"][2]["params"]
     assert params["options"]["activation_type"] == "uint8"  # the mobile step's own options carried over
+
+
+def test_calibrating_again_meets_the_budget_before_any_node_goes_float(tmp_path, capsys):
+    """One calibration sample with a 400 in it: MinMax stretches the input's uint8 range over it and loses the rest
+    (cosine 0.93), percentile ranges clip it (0.9995): that model ships, int8 throughout, no quantize.auto."""
+    rng = np.random.default_rng(0)
+    cal = rng.standard_normal((64, 4096)).astype(np.float32)
+    cal[3, 7] = 400.0
+    np.savez(tmp_path / "cal.npz", x=cal)
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((32, 4096)).astype(np.float32))
+    (tmp_path / "recipe.yaml").write_text(
+        "name: m\nmodel: {torch: 'user_factories:mlp', args: {features: 4096, hidden: 32, classes: 8}}\n"
+        "inputs: [{name: x, shape: [batch, 4096]}]\ndata: {calibration: cal.npz, eval: eval.npz}\n"
+        "accuracy: {metric: cosine, min_value: 0.999}\n"
+        "targets: {cpu: {speed_check: false}, mobile: {speed_check: false}}\n")  # int8 ships untimed: the choice is the budget's
+    code = main(["build", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out"), "--json", "--executor", "inprocess"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for target in summary["units"]:
+        manifest = json.loads((Path(target["folder"]) / "manifest.json").read_text())
+        static = manifest["passes"][2]
+        assert static["name"] == "quantize.static" and "quantize.auto" not in [p["name"] for p in manifest["passes"]]
+        assert static["params"]["calibration"] == "percentile"
+        minmax, percentile = static["stats"]["fallback_from"]["calibrations"]
+        assert minmax["metric"] < 0.999 <= percentile["metric"] and manifest["accuracy"]["value"] >= 0.999
+    model = onnx.load(str(Path(summary["units"][0]["folder"]) / "model.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+
+
+def test_the_float_model_ships_when_more_than_half_the_nodes_would_stay_float(tmp_path, capsys, monkeypatch):
+    """outlier_mlp at 0.999 needs 4 of its 5 quantized nodes in float: on cpu that is a float model, so float ships
+    (with what was tried); allowed every node, the same fallback ships that mostly-float 'int8' model."""
+    code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}")
+    assert code == 0
+    manifest = json.loads((Path(summary["units"][0]["folder"]) / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["passes"]] == ["cleanup", "optimize.ort", "budget.fallback"]
+    auto = manifest["passes"][2]["stats"]["quantize.auto"]
+    assert auto["max_float"] == 0.5 and auto["kept_float"] <= auto["nodes"] / 2 + 1 and auto["metric"] < 0.999
+    graph = onnx.load(str(Path(summary["units"][0]["folder"]) / "model.onnx")).graph
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in graph.node}
+
+    monkeypatch.setitem(fallback.MAX_FLOAT, "cpu", 1.0)
+    (tmp_path / "again").mkdir()
+    code, summary = _build(tmp_path / "again", capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}")
+    assert code == 0
+    manifest = json.loads((Path(summary["units"][0]["folder"]) / "manifest.json").read_text())
+    stats = next(p["stats"] for p in manifest["passes"] if p["name"] == "quantize.auto")
+    assert len(stats["kept_float"]) > len(stats["sensitivity"]) / 2  # what the limit keeps from shipping
 
 
 def test_the_float_model_ships_with_the_reason_when_no_int8_meets_the_budget(tmp_path, capsys, monkeypatch):
@@ -118,3 +172,23 @@ def test_a_budget_nothing_meets_fails_naming_what_was_tried(tmp_path, capsys):
     assert not target["passed"] and target["folder"] is None
     error = target["error"]
     assert "quantize.static" in error and "quantize.auto" in error and "smoothquant" in error
+
+
+def test_the_float_model_ships_when_the_fallbacks_choice_misses_the_budget_as_emitted(tmp_path, capsys, monkeypatch):
+    """The fallback scores candidates before emitting (EfficientNet-B0 mobile: 0.9801 there, 0.9797 as .ort against
+    0.98). Here its search accepts 0.96 while the check asks 0.97: the emitted model misses, float ships (cpu)."""
+    from edgepipe.pipeline import build as build_mod
+
+    context = build_mod._pass_context
+
+    def lenient(stage, key):
+        return dataclasses.replace(context(stage, key), accept=lambda score: score >= 0.96)
+
+    monkeypatch.setattr(build_mod, "_pass_context", lenient)
+    code, summary = _build(tmp_path, capsys, "outlier_deep_mlp", 8, "{metric: cosine, min_value: 0.97}")
+    assert code == 0
+    manifest = json.loads((Path(summary["units"][0]["folder"]) / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["passes"]] == ["cleanup", "optimize.ort", "budget.fallback"]
+    assert manifest["accuracy"]["value"] > 0.9999 and "as_emitted" in manifest["passes"][2]["stats"]
+    graph = onnx.load(str(Path(summary["units"][0]["folder"]) / "model.onnx")).graph
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in graph.node}

@@ -33,3 +33,14 @@ def outlier_mlp() -> nn.Module:
         first.bias[0] = 300.0
         second.weight[:, 0] /= 300.0
     return nn.Sequential(first, nn.ReLU(), second, nn.Tanh(), nn.Linear(4, 4)).eval()
+
+
+
+def outlier_deep_mlp() -> nn.Module:
+    """Four ordinary layers, then ``outlier_mlp``: keeping the few nodes around the outlier in float recovers it,
+    the rest stays int8 (the budget fallback's quantize.auto within half the nodes)."""
+    torch.manual_seed(1)
+    layers: list[nn.Module] = []
+    for _ in range(2):
+        layers += [nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)]
+    return nn.Sequential(*layers, *outlier_mlp()).eval()

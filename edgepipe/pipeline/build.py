@@ -35,7 +35,7 @@ from edgepipe.passes.base import load
 from edgepipe.pipeline.checks import data_warnings, speed_note, speed_warning
 from edgepipe.pipeline.evaluator import EvalSet
 from edgepipe.pipeline.fallback import failure_reason as budget_failure
-from edgepipe.pipeline.fallback import run_with_fallback
+from edgepipe.pipeline.fallback import float_after_all, missed, run_with_fallback
 from edgepipe.pipeline.manifest import model_source, target_manifest, versions
 from edgepipe.pipeline.outputs import failure_reason as output_failure
 from edgepipe.pipeline.outputs import measure_every_output
@@ -295,27 +295,39 @@ def _build_target(ctx: BuildContext, name: str) -> TargetResult:
     spec_acc = target.accuracy(tctx)
     stage = TargetStage(ctx, target, tctx, spec_acc, resolve_metric(spec_acc.metric, recipe.base_dir))
     version = compat.requested(spec.runtime)
-    built = []
-    for variant in target.variants(tctx):
+    built, variants = [], target.variants(tctx)
+    sample = ev.batches[0][0] if ev.batches else None
+    # int8 only where it is not slower than float (cpu, mobile), inside the budget's fallback
+    run = functools.partial(_speed_checked, target, tctx, sample)
+    for variant in variants:
         if variant.key != "main":
             logger.info(f"  model {variant.key}")
-        sample = ev.batches[0][0] if ev.batches else None
-        # int8 only where it is not slower than float (cpu, mobile), inside the budget's fallback
-        run = functools.partial(_speed_checked, target, tctx, sample)
         model, pass_log = run_with_fallback(name, spec, variant.passes, _pass_context(stage, variant.key), load(ctx.source.onnx_path), run)
-        cap = None
-        if version is not None:  # before anything is emitted: a model the runtime can't run is exit 2
-            model, cap = compat.cap(model, version)
-        built.append(Built(variant.key, model, pass_log, cap))
+        built.append(_capped(Built(variant.key, model, pass_log, None), version))
     final = ctx.root / name
-    try:
-        with staging(final, ctx.force) as tmp:
-            manifest = _check_and_write(stage, built, tmp)
-    except _Failed as failed:
-        typed = Manifest.from_json(failed.manifest)
-        reason = output_failure(typed) or budget_failure(typed)
-        return TargetResult(recipe.name, name, FAILED, reason, 1, failed.manifest)
-    return TargetResult(recipe.name, name, PASSED, None, 0, manifest, final)
+    for attempt in range(2):
+        try:
+            with staging(final, ctx.force) as tmp:
+                manifest = _check_and_write(stage, built, tmp)
+            return TargetResult(recipe.name, name, PASSED, None, 0, manifest, final)
+        except _Failed as failed:
+            typed = Manifest.from_json(failed.manifest)
+            reason = output_failure(typed) or budget_failure(typed)
+            floated = [] if attempt or output_failure(typed) else [
+                float_after_all(name, spec, v.passes, b.pass_log, missed(typed), _pass_context(stage, v.key), load(ctx.source.onnx_path), run)
+                for v, b in zip(variants, built, strict=True)]
+            if not any(floated):
+                return TargetResult(recipe.name, name, FAILED, reason, 1, failed.manifest)
+            built = [b if f is None else _capped(Built(b.key, *f, None), version) for b, f in zip(built, floated, strict=True)]
+    raise AssertionError("unreachable: the second attempt returns")
+
+
+def _capped(b: Built, version: Any) -> Built:
+    """Before anything is emitted: a model the runtime can't run is exit 2."""
+    if version is None:
+        return b
+    model, cap = compat.cap(b.model, version)
+    return dataclasses.replace(b, model=model, runtime_cap=cap)
 
 
 def _pass_context(stage: TargetStage, key: str) -> PassContext:

@@ -1,6 +1,8 @@
-"""Budgets met by default: plain int8 first; when it breaks the budget, quantize.auto (any quantized node may go
-back to float, ranked by sensitivity); when that misses too, the float model (cpu, mobile) with the reason;
-failures that say what was tried."""
+"""Budgets met by default: plain int8 first; when it breaks the budget on cpu or mobile, the same step calibrated
+again with percentile ranges (one more calibration: clipping the rare outliers that stretch a MinMax range);
+when that misses too, quantize.auto from the better of the two (quantized nodes go back to float, ranked by
+sensitivity: on cpu and mobile at most half of them, more is a float model that is not faster); when that
+misses too, the float model (cpu, mobile) with the reason; failures that say what was tried."""
 
 from __future__ import annotations
 
@@ -20,6 +22,13 @@ FALLBACK_TARGETS = ("cpu", "mobile", "gpu")  # the default int8 chains (gpu: its
 FLOAT_TARGETS = ("cpu", "mobile")  # a float model may ship in the int8 model's place (gpu's int8 file must be int8)
 FALLBACK = "budget.fallback"  # the pass-log record of a float model shipped because no int8 met the budget
 PLAIN = {"quantize.static": "static", "quantize.dynamic": "dynamic", "quantize.tensorrt": "tensorrt"}
+# cpu, mobile: a model with more than half its quantized nodes back in float is in effect a float model, not faster
+# (speed check, quick zoo: DeepLabV3-MobileNetV3 150 of 176 nodes 1.02x cpu / 1.03x mobile; MnasNet 0.5 mobile 76 of
+# 99: 0.97x; MobileNetV2 cpu already slower at 29 of 99): the float model ships instead, with the reason.
+# gpu's int8 file must be int8.
+MAX_FLOAT = {"cpu": 0.5, "mobile": 0.5, "gpu": 1.0}
+# the re-calibration (quantize.static's own options): percentile ranges, ORT's default 99.999 written out
+RECALIBRATE = {"calibration": "percentile", "extra_options": {"CalibPercentile": 99.999}}
 ADVICE = ("loosen the budget (accuracy.max_drop / min_value), put {name: smoothquant} before the quantize step in "
           "targets.<target>.passes, or ship fp16 (the gpu target)")
 
@@ -35,15 +44,29 @@ def fallback_step(target: str, spec: TargetSpec, chain: list[dict[str, Any]]) ->
     for i, step in enumerate(chain):
         if step.get("name") in PLAIN:
             options = {k: v for k, v in step.items() if k != "name"}
-            # every quantized node is a candidate, up to all of them: the search stops at the fewest that meet the budget
-            return i, {"name": "quantize.auto", "method": PLAIN[step["name"]], "options": options, "candidate_ops": None, "max_float": 1.0}
+            # every quantized node is a candidate (up to MAX_FLOAT of them): the search stops at the fewest that meet the budget
+            return i, {"name": "quantize.auto", "method": PLAIN[step["name"]], "options": options, "candidate_ops": None,
+                       "max_float": MAX_FLOAT[target]}
     return None
+
+
+def recalibration(target: str, step: dict[str, Any]) -> dict[str, Any] | None:
+    """The plain step calibrated with percentile ranges (cpu, mobile: quantize.static with MinMax ranges), or None."""
+    if target not in FLOAT_TARGETS or step.get("name") != "quantize.static" or step.get("calibration", "minmax") != "minmax":
+        return None
+    return {**step, **RECALIBRATE, "extra_options": {**step.get("extra_options", {}), **RECALIBRATE["extra_options"]}}
+
+
+def _calibration(step: dict[str, Any]) -> str:
+    percentile = step.get("extra_options", {}).get("CalibPercentile")
+    return step.get("calibration", "minmax") + (f" {percentile}" if percentile is not None else "")
 
 
 def run_with_fallback(
     target: str, spec: TargetSpec, chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model, run: RunPasses
 ) -> tuple[ir.Model, list[dict]]:
-    """Run ``chain``; on a default chain whose plain int8 misses the budget, redo that step as quantize.auto.
+    """Run ``chain``; on a default chain whose plain int8 misses the budget, calibrate it again (cpu, mobile), then
+    redo that step as quantize.auto.
 
     When plain int8 meets the budget the pass log (and so the artifact) is exactly the plain chain's.
     """
@@ -57,31 +80,80 @@ def run_with_fallback(
     if pctx.accept(score):
         after, after_log = run(chain[index + 1 :], pctx, plain)
         return after, before_log + plain_log + after_log
-    logger.info(f"        {chain[index]['name']} misses the budget ({score:.4f}): quantize.auto keeps the most sensitive nodes in float")
+    origin = {"name": chain[index]["name"], "metric": round(score, 6)}
+    best, best_score = chain[index], score
+    again = recalibration(target, chain[index])
+    if again is not None:
+        logger.info(f"        {chain[index]['name']} misses the budget ({score:.4f}): calibrating again ({_calibration(again)})")
+        other, other_log = run([again], pctx, before)
+        other_score = pctx.evaluate(other)
+        origin["calibrations"] = [{"calibration": _calibration(chain[index]), "metric": round(score, 6)},
+                                  {"calibration": _calibration(again), "metric": round(other_score, 6)}]
+        if pctx.accept(other_score):
+            other_log[0]["stats"]["fallback_from"] = origin
+            after, after_log = run(chain[index + 1 :], pctx, other)
+            return after, before_log + other_log + after_log
+        if other_score > score:
+            best, best_score = again, other_score
+            auto = {**auto, "options": {k: v for k, v in again.items() if k != "name"}}
+        origin["chosen"] = _calibration(best)
+    logger.info(f"        {best['name']} misses the budget ({best_score:.4f}): quantize.auto keeps the most sensitive nodes in float")
     fixed, auto_log = run([auto], pctx, before)
     stats = auto_log[0]["stats"]
-    stats["fallback_from"] = {"name": chain[index]["name"], "metric": round(score, 6)}
+    stats["fallback_from"] = origin
     if stats.get("passed", True) is False and target in FLOAT_TARGETS:
         tried = _tried(stats)
         why = f"no int8 model met the budget (tried {tried}): shipped float"
         logger.info(f"        {why}")
         record = {"name": FALLBACK, "params": {"dropped": chain[index]}, "modified": True,
-                  "stats": {"summary": why, "warning": f"{target}: {why}", "tried": tried}}
+                  "stats": {"summary": why, "warning": f"{target}: {why}", "tried": tried, "fallback_from": origin,
+                            "quantize.auto": {"max_float": auto["max_float"], "kept_float": len(stats.get("kept_float") or []),
+                                              "nodes": len(stats.get("sensitivity") or []),
+                                              "metric": stats.get("final_metric")}}}
         after, after_log = run(chain[index + 1 :], pctx, before)
         return after, [*before_log, record, *after_log]
     after, after_log = run(chain[index + 1 :], pctx, fixed)
     return after, before_log + auto_log + after_log
 
 
+def float_after_all(target: str, spec: TargetSpec, chain: list[dict[str, Any]], pass_log: list[dict], why: str,
+                    pctx: PassContext, model: ir.Model, run: RunPasses) -> tuple[ir.Model, list[dict]] | None:
+    """The float model (cpu, mobile) when the int8 model the fallback chose misses the budget as emitted, or None.
+
+    The fallback scores its candidates on the model before emitting (EfficientNet-B0 mobile: 0.9801 there, its
+    .ort 0.9797 against a 0.98 budget); a model that met the budget only by the fallback's choice ships float then,
+    like one whose fallback found nothing, instead of failing the target.
+    """
+    found = fallback_step(target, spec, chain)
+    chosen = any(p["name"].startswith("quantize") and "fallback_from" in (p.get("stats") or {}) for p in pass_log)
+    if found is None or target not in FLOAT_TARGETS or not chosen:
+        return None
+    index = found[0]
+    missed_by = why
+    why = f"the int8 model the budget fallback chose missed the budget as emitted ({why}): shipped float"
+    logger.info(f"        {why}")
+    record = {"name": FALLBACK, "params": {"dropped": chain[index]}, "modified": True,
+              "stats": {"summary": why, "warning": f"{target}: {why}", "tried": why, "as_emitted": missed_by}}
+    before, before_log = run(chain[:index], pctx, model)
+    after, after_log = run(chain[index + 1 :], pctx, before)
+    return after, [*before_log, record, *after_log]
+
+
 def _tried(stats: dict[str, Any]) -> str:
-    """What the fallback tried, from quantize.auto's stats: plain int8's metric, then the nodes kept float."""
+    """What the fallback tried, from quantize.auto's stats: plain int8's metric (per calibration), then the nodes
+    kept float."""
     tried = f"int8 {stats.get('initial_metric', float('nan')):.4f}"
-    if "fallback_from" in stats:
-        tried = f"{stats['fallback_from']['name']} {stats['fallback_from']['metric']:.4f}"
-    kept = len(stats.get("kept_float") or [])
+    origin = stats.get("fallback_from")
+    if origin:
+        runs = origin.get("calibrations") or [{"metric": origin["metric"]}]
+        tried = origin["name"] + " " + ", ".join(
+            f"{r['metric']:.4f}" + (f" ({r['calibration']})" if "calibration" in r else "") for r in runs)
+    kept, ranked = len(stats.get("kept_float") or []), len(stats.get("sensitivity") or [])
     if kept:
-        tried += (f", quantize.auto with the {kept} most sensitive of {len(stats.get('sensitivity') or [])} nodes in "
+        tried += (f", quantize.auto with the {kept} most sensitive of {ranked} nodes in "
                   f"float {stats.get('final_metric', float('nan')):.4f}")
+        if kept < ranked:
+            tried += " (the most its max_float allows)"
     return tried
 
 
@@ -106,6 +178,12 @@ def failure_reason(manifest: Manifest) -> str:
             return where + head
         return f"{where}{head}; tried {_tried(auto.get('stats', {}))}; {ADVICE}"
     return "accuracy budget exceeded"
+
+
+def missed(manifest: Manifest) -> str:
+    """Which emitted models missed their budget, by how much: '<file>: cosine 0.9797, budget min_value 0.98'."""
+    return "; ".join(f"{e.model_file}: {e.accuracy.get('metric')} {e.accuracy.value:.4f}, budget {_budget(e.accuracy)}"
+                     for e in manifest.entries if not e.accuracy.passed)
 
 
 def _budget(acc: Accuracy) -> str:
