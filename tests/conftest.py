@@ -104,11 +104,12 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture(scope="session", autouse=True)
 def warm_build_children():
     """Build children (the default executor) fork from one server per session: it imports, once, what the tests'
-    models import on every build (scikit-learn for the digits data, transformers for the hf models)."""
+    models import on every build (torch's exporter, even when the session's first build has an ONNX source;
+    scikit-learn for the digits data, transformers for the hf models)."""
     from edgepipe.scale import executor
 
     saved = executor.PRELOAD
-    executor.PRELOAD = [*saved, "sklearn.datasets", "sklearn.model_selection", "transformers"]
+    executor.PRELOAD = [*saved, *executor.EXPORTER, "sklearn.datasets", "sklearn.model_selection", "transformers"]
     yield
     executor.PRELOAD = saved
 
