@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import DIGITS
+import pytest
+from conftest import DIGITS, write_recipe
 
 from edgepipe.cli import main
 
@@ -21,9 +22,23 @@ def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
-def _spawn(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def _onnx_recipe(folder: Path, digits_onnx: Path, text: str | None = None) -> Path:
+    """The digits recipe (or ``text``, a variant of it) with its model already exported (``digits_onnx``): for the
+    tests about publishing, killing and interrupting a build. Its `python -m edgepipe` imports no torch."""
+    (folder / "digits.onnx").symlink_to(digits_onnx)
+    text = (text or (DIGITS / "recipe.yaml").read_text()).replace("torch: model.py:build", "onnx: digits.onnx")
+    assert "onnx: digits.onnx" in text
+    return write_recipe(folder, text)
+
+
+@pytest.fixture
+def onnx_recipe(digits_onnx, tmp_path) -> str:
+    return str(_onnx_recipe(tmp_path, digits_onnx))
+
+
+def _spawn(recipe: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "edgepipe", "build", RECIPE, "-o", str(out), "--force", "--target", "cpu", *extra],
+        [sys.executable, "-m", "edgepipe", "build", recipe, "-o", str(out), "--force", "--target", "cpu", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
 
@@ -49,13 +64,13 @@ def test_rebuild_is_byte_identical(digits_build, tmp_path):
             assert (digits_build / target / name).read_bytes() == (tmp_path / "digits-cnn" / target / name).read_bytes()
 
 
-def test_killed_build_leaves_existing_artifact_whole(digits_build, tmp_path):
+def test_killed_build_leaves_existing_artifact_whole(digits_build, onnx_recipe, tmp_path):
     import shutil
 
     out = tmp_path / "out"
     shutil.copytree(digits_build, out / "digits-cnn")
     before = (out / "digits-cnn" / "cpu" / "manifest.json").read_bytes()
-    proc = _spawn(out)
+    proc = _spawn(onnx_recipe, out)
     _wait_for_staging(out / "digits-cnn", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -63,7 +78,7 @@ def test_killed_build_leaves_existing_artifact_whole(digits_build, tmp_path):
     assert (cpu / "manifest.json").read_bytes() == before
     assert main(["verify", str(cpu)]) == 0
     # The next build sweeps what the killed one left behind.
-    assert main(["build", RECIPE, "-o", str(out), "--force", "-q", "--target", "cpu"]) == 0
+    assert main(["build", onnx_recipe, "-o", str(out), "--force", "-q", "--target", "cpu"]) == 0
     assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]
 
 
@@ -82,13 +97,11 @@ def top1_then_hold(cand, ref, labels):
 """
 
 
-def test_interrupted_build_cleans_up_and_exits_130(tmp_path):
-    from conftest import write_recipe
-
+def test_interrupted_build_cleans_up_and_exits_130(digits_onnx, tmp_path):
     out = tmp_path / "out"
     (tmp_path / "hold.py").write_text(HOLDING_METRIC)
     text = (DIGITS / "recipe.yaml").read_text().replace("metric: top1", "metric: hold.py:top1_then_hold")
-    recipe = write_recipe(tmp_path, text)
+    recipe = _onnx_recipe(tmp_path, digits_onnx, text)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgepipe", "build", str(recipe), "-o", str(out), "--target", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGEPIPE_TEST_OUT": str(out)},
@@ -105,10 +118,10 @@ def test_interrupted_build_cleans_up_and_exits_130(tmp_path):
     assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]  # staging removed
 
 
-def test_concurrent_builds_into_one_folder(tmp_path):
+def test_concurrent_builds_into_one_folder(onnx_recipe, tmp_path):
     out = tmp_path / "out"
     # One driver with its build child (the default executor), one building in-process: both publish paths race.
-    procs = [_spawn(out), _spawn(out, "--executor", "inprocess")]
+    procs = [_spawn(onnx_recipe, out), _spawn(onnx_recipe, out, "--executor", "inprocess")]
     logs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert main(["verify", str(out / "digits-cnn" / "cpu")]) == 0
