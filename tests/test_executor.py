@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS, ec_keypair, write_recipe
+from conftest import DIGITS, ec_keypair, write_onnx_recipe, write_recipe
 
 from edgepipe.cli import main
 
@@ -39,15 +39,12 @@ def top1(cand, ref, labels):
 
 def _recipe(folder: Path, name: str, model: str = "model.py:build", accuracy: str = "{metric: top1, max_drop: 0.02}",
             targets: str = "[cpu]", files: dict[str, str] | None = None, onnx: Path | None = None) -> str:
-    """A digits recipe; with ``onnx`` (the model already exported: ``digits_onnx``) its source is that file, not the
-    torch factory: no export in its builds, for the units that are not about the export."""
+    """A digits recipe; with ``onnx`` (``digits_onnx``) its model is that file: no export in its builds."""
     folder.mkdir(parents=True, exist_ok=True)
     for fname, text in (files or {}).items():
         (folder / fname).write_text(text)
-    if onnx is not None:
-        (folder / "digits.onnx").symlink_to(onnx)
-    source = "onnx: digits.onnx" if onnx is not None else f"torch: {model}"
-    return str(write_recipe(folder, f"name: {name}\nmodel: {{{source}}}\n{HEAD}accuracy: {accuracy}\ntargets: {targets}\n"))
+    text = f"name: {name}\nmodel: {{torch: {model}}}\n{HEAD}accuracy: {accuracy}\ntargets: {targets}\n"
+    return str(write_recipe(folder, text) if onnx is None else write_onnx_recipe(folder, onnx, text))
 
 
 def _dynamic(folder: Path, onnx: Path | None = None) -> str:

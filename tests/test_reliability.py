@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS, write_recipe
+from conftest import DIGITS, write_onnx_recipe
 
 from edgepipe.cli import main
 
@@ -22,18 +22,11 @@ def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
-def _onnx_recipe(folder: Path, digits_onnx: Path, text: str | None = None) -> Path:
-    """The digits recipe (or ``text``, a variant of it) with its model already exported (``digits_onnx``): for the
-    tests about publishing, killing and interrupting a build. Its `python -m edgepipe` imports no torch."""
-    (folder / "digits.onnx").symlink_to(digits_onnx)
-    text = (text or (DIGITS / "recipe.yaml").read_text()).replace("torch: model.py:build", "onnx: digits.onnx")
-    assert "onnx: digits.onnx" in text
-    return write_recipe(folder, text)
-
-
 @pytest.fixture
 def onnx_recipe(digits_onnx, tmp_path) -> str:
-    return str(_onnx_recipe(tmp_path, digits_onnx))
+    """The tests about publishing, killing and interrupting a build take the exported model: no torch in their
+    cold `python -m edgepipe` processes. The export is covered by the rebuild and large-model tests."""
+    return str(write_onnx_recipe(tmp_path, digits_onnx))
 
 
 def _spawn(recipe: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
@@ -101,7 +94,7 @@ def test_interrupted_build_cleans_up_and_exits_130(digits_onnx, tmp_path):
     out = tmp_path / "out"
     (tmp_path / "hold.py").write_text(HOLDING_METRIC)
     text = (DIGITS / "recipe.yaml").read_text().replace("metric: top1", "metric: hold.py:top1_then_hold")
-    recipe = _onnx_recipe(tmp_path, digits_onnx, text)
+    recipe = write_onnx_recipe(tmp_path, digits_onnx, text)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgepipe", "build", str(recipe), "-o", str(out), "--target", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGEPIPE_TEST_OUT": str(out)},
