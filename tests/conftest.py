@@ -181,15 +181,22 @@ def write_onnx_recipe(folder: Path, digits_onnx: Path, text: str | None = None) 
 
 @pytest.fixture(scope="session")
 def digits_onnx(tmp_path_factory) -> Path:
-    """The digits CNN exported by edgepipe (dynamo, checked) and cleaned: the real model pass tests use."""
+    """The digits CNN exported by edgepipe (dynamo, checked) and cleaned: the real model pass tests use; read-only.
+
+    Exported once per run, shared by the xdist workers."""
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load, save
     from edgepipe.recipe import load_recipe
     from edgepipe.sources.export import export_torch
 
-    work = tmp_path_factory.mktemp("digits-onnx")
-    source = export_torch(load_recipe(DIGITS / "recipe.yaml"), work, None)
-    return save(PASSES["cleanup"]()(load(source.onnx_path)).model, work / "digits.onnx")
+    with once_per_run(tmp_path_factory, "digits-onnx.path") as done:
+        if done.exists():
+            return Path(done.read_text())
+        work = Path(tempfile.mkdtemp(prefix="digits-onnx-", dir=done.parent))
+        source = export_torch(load_recipe(DIGITS / "recipe.yaml"), work, None)
+        path = save(PASSES["cleanup"]()(load(source.onnx_path)).model, work / "digits.onnx")
+        done.write_text(str(path))
+        return path
 
 
 def ec_keypair(folder: Path, name: str = "key"):
