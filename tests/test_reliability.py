@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,8 +40,9 @@ def _spawn(recipe: str, out: Path, *extra: str, env: dict | None = None) -> subp
 def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if root.is_dir() and any(root.rglob(".cpu.tmp-*")):  # the child's staging, in the driver's scratch
-            return
+        with contextlib.suppress(FileNotFoundError):  # a folder the build removed while this walked its tree
+            if root.is_dir() and any(root.rglob(".cpu.tmp-*")):  # the child's staging, in the driver's scratch
+                return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     raise AssertionError("the build never reached its staging step")
