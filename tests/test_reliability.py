@@ -148,3 +148,23 @@ def test_kill_between_publish_renames_is_recovered(artifact):
     (root / ".cpu.tmp-999999999-abc").mkdir()
     assert sorted(remove_stale(root)) == [".cpu.old-999999999 (restored)", ".cpu.tmp-999999999-abc"]
     assert main(["verify", str(artifact)]) == 0
+
+
+def test_the_folder_of_a_process_that_exited_but_was_not_reaped_is_stale(tmp_path):
+    # A Ray worker that died is a zombie until the raylet reaps it; the driver sweeps the scratch right away.
+    from edgepipe.core.artifact import remove_stale
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it exits
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat")
+        deadline = time.time() + 60
+        while stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.time() < deadline
+            time.sleep(0.02)
+        live = tmp_path / f".work-{os.getpid()}-live"
+        dead = tmp_path / f".work-{proc.pid}-dead"
+        live.mkdir()
+        dead.mkdir()
+        assert remove_stale(tmp_path) == [dead.name] and live.is_dir()
+    finally:
+        proc.wait()
