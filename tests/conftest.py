@@ -104,11 +104,12 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture(scope="session", autouse=True)
 def warm_build_children():
     """Build children (the default executor) fork from one server per session: it imports, once, what the tests'
-    models import on every build (scikit-learn for the digits data, transformers for the hf models)."""
+    models import on every build (torch's exporter, even when the session's first build has an ONNX source;
+    scikit-learn for the digits data, transformers for the hf models)."""
     from edgepipe.scale import executor
 
     saved = executor.PRELOAD
-    executor.PRELOAD = [*saved, "sklearn.datasets", "sklearn.model_selection", "transformers"]
+    executor.PRELOAD = [*saved, *executor.EXPORTER, "sklearn.datasets", "sklearn.model_selection", "transformers"]
     yield
     executor.PRELOAD = saved
 
@@ -165,17 +166,37 @@ def write_recipe(folder: Path, text: str) -> Path:
     return path
 
 
+def write_onnx_recipe(folder: Path, digits_onnx: Path, text: str | None = None) -> Path:
+    """``write_recipe`` of the digits recipe (or ``text``, a variant of it) whose model is the already exported
+    ``digits_onnx`` file instead of the torch factory: for tests about what happens around a build (publishing,
+    crashes, interrupts, budgets, pass chains), not about the export. Its builds import no torch (~2.4 CPU-s less
+    a build, more in a cold `python -m edgepipe`)."""
+    text = text if text is not None else (DIGITS / "recipe.yaml").read_text()
+    assert "torch: model.py:build" in text, "not a variant of the digits recipe"
+    target = folder / "digits.onnx"
+    if not target.exists():
+        target.symlink_to(digits_onnx)
+    return write_recipe(folder, text.replace("torch: model.py:build", "onnx: digits.onnx"))
+
+
 @pytest.fixture(scope="session")
 def digits_onnx(tmp_path_factory) -> Path:
-    """The digits CNN exported by edgepipe (dynamo, checked) and cleaned: the real model pass tests use."""
+    """The digits CNN exported by edgepipe (dynamo, checked) and cleaned: the real model pass tests use; read-only.
+
+    Exported once per run, shared by the xdist workers."""
     from edgepipe.passes import PASSES
     from edgepipe.passes.base import load, save
     from edgepipe.recipe import load_recipe
     from edgepipe.sources.export import export_torch
 
-    work = tmp_path_factory.mktemp("digits-onnx")
-    source = export_torch(load_recipe(DIGITS / "recipe.yaml"), work, None)
-    return save(PASSES["cleanup"]()(load(source.onnx_path)).model, work / "digits.onnx")
+    with once_per_run(tmp_path_factory, "digits-onnx.path") as done:
+        if done.exists():
+            return Path(done.read_text())
+        work = Path(tempfile.mkdtemp(prefix="digits-onnx-", dir=done.parent))
+        source = export_torch(load_recipe(DIGITS / "recipe.yaml"), work, None)
+        path = save(PASSES["cleanup"]()(load(source.onnx_path)).model, work / "digits.onnx")
+        done.write_text(str(path))
+        return path
 
 
 def ec_keypair(folder: Path, name: str = "key"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import write_recipe
+from conftest import write_onnx_recipe
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgepipe.cli import main
@@ -37,8 +37,8 @@ def _auto_stats(manifest: dict) -> dict:
     return next(p for p in manifest["passes"] if p["name"] == "quantize.auto")["stats"]
 
 
-def test_tight_budget_keeps_the_most_sensitive_nodes_in_float(tmp_path):
-    recipe = write_recipe(tmp_path, TIGHT % (0.99998, "stepwise", 1.0))
+def test_tight_budget_keeps_the_most_sensitive_nodes_in_float(digits_onnx, tmp_path):
+    recipe = write_onnx_recipe(tmp_path, digits_onnx, TIGHT % (0.99998, "stepwise", 1.0))
     assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 0
     manifest = json.loads((tmp_path / "out" / "digits-tight" / "cpu" / "manifest.json").read_text())
     stats = _auto_stats(manifest)
@@ -63,8 +63,8 @@ def test_tight_budget_keeps_the_most_sensitive_nodes_in_float(tmp_path):
     assert {n.name for n in compute if n.input[1] in float_weights} == set(kept)
 
 
-def test_unreachable_budget_fails_with_the_table_of_what_was_tried(tmp_path):
-    recipe = load_recipe(write_recipe(tmp_path, TIGHT % (1.5, "bisect", 2)))
+def test_unreachable_budget_fails_with_the_table_of_what_was_tried(digits_onnx, tmp_path):
+    recipe = load_recipe(write_onnx_recipe(tmp_path, digits_onnx, TIGHT % (1.5, "bisect", 2)))
     [result] = build(recipe, tmp_path / "out")
     assert not result.passed and result.folder is None
     stats = _auto_stats(result.manifest)
@@ -74,8 +74,8 @@ def test_unreachable_budget_fails_with_the_table_of_what_was_tried(tmp_path):
     assert not (tmp_path / "out" / "digits-tight" / "cpu").exists()
 
 
-def test_budget_met_needs_no_search(digits_build, tmp_path):
-    recipe = write_recipe(tmp_path, TIGHT % (0.9, "bisect", 0.5))
+def test_budget_met_needs_no_search(digits_onnx, tmp_path):
+    recipe = write_onnx_recipe(tmp_path, digits_onnx, TIGHT % (0.9, "bisect", 0.5))
     [result] = build(load_recipe(recipe), tmp_path / "out")
     stats = _auto_stats(result.manifest)
     assert result.passed and stats["kept_float"] == [] and len(stats["steps"]) == 1 and "sensitivity" not in stats

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, write_recipe
+from conftest import DIGITS, write_onnx_recipe, write_recipe
 from onnx import TensorProto, helper
 from test_cli_errors import CASES as RECIPE_CASES
 
@@ -124,7 +124,7 @@ def test_bad_input(case, tmp_path, capsys):
     assert not list((tmp_path / "out").rglob("manifest.json")) if (tmp_path / "out").exists() else True
 
 
-def test_full_disk_keeps_the_old_artifact(digits_build, tmp_path, monkeypatch, capsys):
+def test_full_disk_keeps_the_old_artifact(digits_build, digits_onnx, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     shutil.copytree(digits_build, out / "digits-cnn")
     before = (out / "digits-cnn" / "cpu" / "model.onnx").read_bytes()
@@ -133,7 +133,7 @@ def test_full_disk_keeps_the_old_artifact(digits_build, tmp_path, monkeypatch, c
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("edgepipe.pipeline.build.save_golden", no_space)  # in this process: the in-process executor
-    assert main(["build", str(DIGITS / "recipe.yaml"), "-o", str(out), "--force", "--executor", "inprocess"]) == 2
+    assert main(["build", str(write_onnx_recipe(tmp_path, digits_onnx)), "-o", str(out), "--force", "--executor", "inprocess"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk is full" in err[0]
     assert (out / "digits-cnn" / "cpu" / "model.onnx").read_bytes() == before

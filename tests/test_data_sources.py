@@ -61,8 +61,8 @@ def test_image_folder_errors_are_one_line(digit_folder, tmp_path):
         eval_batches("bad", tmp_path, images=(SPEC, "image"))
 
 
-def test_scarce_calibration_and_missing_eval_warn_in_manifest_and_report(tmp_path):
-    from conftest import write_recipe
+def test_scarce_calibration_and_missing_eval_warn_in_manifest_and_report(digits_onnx, tmp_path):
+    from conftest import write_onnx_recipe
 
     from edgepipe.pipeline.build import build
     from edgepipe.pipeline.report import write_report
@@ -70,7 +70,7 @@ def test_scarce_calibration_and_missing_eval_warn_in_manifest_and_report(tmp_pat
 
     images = (load_digits().images[:16] / 16).astype(np.float32)[:, None]
     np.savez(tmp_path / "cal.npz", image=images)
-    recipe = write_recipe(tmp_path, """
+    recipe = write_onnx_recipe(tmp_path, digits_onnx, """
 name: scarce
 model: {torch: model.py:build}
 inputs: [{name: image, shape: [batch, 1, 8, 8], dtype: float32}]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS, ec_keypair, write_recipe
+from conftest import DIGITS, ec_keypair, write_onnx_recipe, write_recipe
 
 from edgepipe.cli import main
 
@@ -38,18 +38,20 @@ def top1(cand, ref, labels):
 
 
 def _recipe(folder: Path, name: str, model: str = "model.py:build", accuracy: str = "{metric: top1, max_drop: 0.02}",
-            targets: str = "[cpu]", files: dict[str, str] | None = None) -> str:
+            targets: str = "[cpu]", files: dict[str, str] | None = None, onnx: Path | None = None) -> str:
+    """A digits recipe; with ``onnx`` (``digits_onnx``) its model is that file: no export in its builds."""
     folder.mkdir(parents=True, exist_ok=True)
     for fname, text in (files or {}).items():
         (folder / fname).write_text(text)
-    return str(write_recipe(folder, f"name: {name}\nmodel: {{torch: {model}}}\n{HEAD}accuracy: {accuracy}\ntargets: {targets}\n"))
+    text = f"name: {name}\nmodel: {{torch: {model}}}\n{HEAD}accuracy: {accuracy}\ntargets: {targets}\n"
+    return str(write_recipe(folder, text) if onnx is None else write_onnx_recipe(folder, onnx, text))
 
 
-def _dynamic(folder: Path) -> str:
+def _dynamic(folder: Path, onnx: Path | None = None) -> str:
     """A second recipe: the cpu target with another pass chain (dynamic int8), shipped untimed: on digits, dynamic
     int8 is slower than float by about the speed check's 0.05 ms margin, so a timed choice flips from build to build
     on a busy machine (two test workers) and the Ray and local builds would differ by the model they chose."""
-    return _recipe(folder, "digits-dynamic",
+    return _recipe(folder, "digits-dynamic", onnx=onnx,
                    targets="{cpu: {passes: [{name: cleanup}, {name: quantize.dynamic}], speed_check: false}}")
 
 
@@ -90,10 +92,11 @@ def ray_local(tmp_path_factory):
         os.environ.pop("RAY_worker_niceness", None)
 
 
-def test_ray_builds_match_local_and_survive_dead_workers(ray_local, digits_build, tmp_path, capsys):
-    dynamic = _dynamic(tmp_path / "dynamic")
+def test_ray_builds_match_local_and_survive_dead_workers(ray_local, digits_build, digits_onnx, tmp_path, capsys):
+    # digits-cnn is exported on Ray (compared with the local digits_build); the other units start from its ONNX file.
+    dynamic = _dynamic(tmp_path / "dynamic", digits_onnx)
     crash = _recipe(tmp_path / "crash", "digits-crash", accuracy="{metric: metric.py:top1, max_drop: 0.02}",
-                    files={"metric.py": CRASH_ONCE})
+                    files={"metric.py": CRASH_ONCE}, onnx=digits_onnx)
     doomed = _recipe(tmp_path / "doomed", "digits-doomed", model="die.py:build",
                      files={"die.py": "import os\n\ndef build():\n    os._exit(3)\n"})
     out = tmp_path / "ray-out"
@@ -152,9 +155,9 @@ def test_evaluation_fans_out_as_ray_tasks(ray_local, digits_build, monkeypatch):
         assert calls == [2] and all(np.array_equal(again[k], local[k]) for k in local)
 
 
-def test_process_pool_resubmits_after_a_dead_worker(tmp_path, capsys):
+def test_process_pool_resubmits_after_a_dead_worker(digits_onnx, tmp_path, capsys):
     crash = _recipe(tmp_path / "crash", "digits-crash", accuracy="{metric: metric.py:top1, max_drop: 0.02}",
-                    files={"metric.py": CRASH_ONCE})
+                    files={"metric.py": CRASH_ONCE}, onnx=digits_onnx)
     broken = _recipe(tmp_path / "broken", "digits-broken", model="bad.py:build",
                      files={"bad.py": "def build():\n    raise RuntimeError('weights file is missing')\n"})
     out = tmp_path / "pool-out"

@@ -164,12 +164,12 @@ def test_report_lists_both_gpu_models(digits_build):
     assert "gpu int8.qdq (top1 0.986)" in page and "gpu (top1 0.986)" in page
 
 
-def test_gpu_without_calibration_ships_fp16_only(tmp_path):
-    from conftest import DIGITS, write_recipe
+def test_gpu_without_calibration_ships_fp16_only(digits_onnx, tmp_path):
+    from conftest import DIGITS, write_onnx_recipe
 
     text = (DIGITS / "recipe.yaml").read_text().replace("  calibration: data.py:calibration\n", "")
     text = text.replace("targets: [cpu, mobile, gpu]", "targets: [gpu]")
-    assert main(["build", str(write_recipe(tmp_path, text)), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert main(["build", str(write_onnx_recipe(tmp_path, digits_onnx, text)), "-o", str(tmp_path / "out"), "-q"]) == 0
     folder = tmp_path / "out" / "digits-cnn" / "gpu"
     manifest = _manifest(folder)
     assert "models" not in manifest and "calibration data" in manifest["gpu"]["int8"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import onnx_ir as ir
-from conftest import DIGITS, write_recipe
+from conftest import DIGITS, write_onnx_recipe
 
 from edgepipe.cli import main
 from edgepipe.passes import PASSES
@@ -24,19 +24,19 @@ def top1(cand, ref, labels):
 """
 
 
-def _segv_recipe(folder: Path) -> Path:
+def _segv_recipe(folder: Path, digits_onnx: Path) -> Path:
     folder.mkdir()
     (folder / "segv.py").write_text(SEGV)
     targets = "targets:\n  cpu: {passes: [{name: cleanup}]}\n  mobile: {accuracy: {metric: segv.py:top1}}\n"
-    return write_recipe(folder, HEAD + targets)
+    return write_onnx_recipe(folder, digits_onnx, HEAD + targets)
 
 
 def _keys(doc: dict) -> dict:
     return {"top": sorted(doc), "unit": sorted({k for u in doc["units"] for k in u})}
 
 
-def test_a_native_crash_costs_only_its_target_with_the_same_json_on_every_executor(tmp_path, capsys):
-    recipe = str(_segv_recipe(tmp_path / "r"))
+def test_a_native_crash_costs_only_its_target_with_the_same_json_on_every_executor(digits_onnx, tmp_path, capsys):
+    recipe = str(_segv_recipe(tmp_path / "r", digits_onnx))
     docs = []
     for extra in ([], ["--jobs", "2"]):
         out = tmp_path / f"out{len(docs)}"
@@ -61,10 +61,10 @@ class Broken(EdgepipePass):
         return [][1]
 
 
-def test_a_bug_in_a_pass_is_exit_3_naming_the_pass_and_those_before(tmp_path, capsys, monkeypatch):
+def test_a_bug_in_a_pass_is_exit_3_naming_the_pass_and_those_before(digits_onnx, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(PASSES, Broken.name, Broken)  # in this process: the in-process executor
     text = HEAD + "targets:\n  cpu: {passes: [{name: cleanup}, {name: test.broken}]}\n  gpu: {passes: [{name: cleanup}]}\n"
-    recipe = write_recipe(tmp_path, text)
+    recipe = write_onnx_recipe(tmp_path, digits_onnx, text)
     out = tmp_path / "out"
     assert main(["build", str(recipe), "-o", str(out), "--executor", "inprocess", "--json", "-q"]) == 3
     captured = capsys.readouterr()
@@ -76,7 +76,7 @@ def test_a_bug_in_a_pass_is_exit_3_naming_the_pass_and_those_before(tmp_path, ca
     assert not (out / "digits-cnn" / "cpu").exists() and (out / "digits-cnn" / "gpu" / "manifest.json").is_file()
 
 
-def test_python_api_builds_and_verifies(tmp_path):
+def test_python_api_builds_and_verifies(digits_onnx, tmp_path):
     import subprocess
     import sys
 
@@ -85,7 +85,7 @@ def test_python_api_builds_and_verifies(tmp_path):
     cheap = subprocess.run([sys.executable, "-c", "import sys, edgepipe; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"],
                            capture_output=True, text=True, check=True)
     assert cheap.stdout.split() == ["False", "False"]  # import edgepipe stays cheap: the API is imported on first use
-    recipe = write_recipe(tmp_path, HEAD + "targets:\n  cpu: {passes: [{name: cleanup}]}\n  gpu: {}\n")
+    recipe = write_onnx_recipe(tmp_path, digits_onnx, HEAD + "targets:\n  cpu: {passes: [{name: cleanup}]}\n  gpu: {}\n")
     result = edgepipe.build(recipe, out=tmp_path / "out", targets=["cpu"])
     assert result.passed and result.exit_code == 0 and [r.target for r in result.targets] == ["cpu"]
     assert result["cpu"].folder == tmp_path / "out" / "digits-cnn" / "cpu"

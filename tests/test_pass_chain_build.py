@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import write_recipe
+from conftest import write_onnx_recipe
 
 from edgepipe.cli import main
 
@@ -25,8 +25,8 @@ targets:
 """
 
 
-def test_budgeted_structured_pruning_in_a_build(tmp_path):
-    recipe = write_recipe(tmp_path, RECIPE)
+def test_budgeted_structured_pruning_in_a_build(digits_onnx, tmp_path):
+    recipe = write_onnx_recipe(tmp_path, digits_onnx, RECIPE)
     assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 0
     manifest = json.loads((tmp_path / "out" / "digits-pruned" / "cpu" / "manifest.json").read_text())
     prune = next(p for p in manifest["passes"] if p["name"] == "prune.structured")

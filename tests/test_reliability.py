@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import DIGITS
+import pytest
+from conftest import DIGITS, write_onnx_recipe
 
 from edgepipe.cli import main
 
@@ -21,9 +23,16 @@ def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
-def _spawn(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+@pytest.fixture
+def onnx_recipe(digits_onnx, tmp_path) -> str:
+    """The tests about publishing, killing and interrupting a build take the exported model: no torch in their
+    cold `python -m edgepipe` processes. The export is covered by the rebuild and large-model tests."""
+    return str(write_onnx_recipe(tmp_path, digits_onnx))
+
+
+def _spawn(recipe: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "edgepipe", "build", RECIPE, "-o", str(out), "--force", "--target", "cpu", *extra],
+        [sys.executable, "-m", "edgepipe", "build", recipe, "-o", str(out), "--force", "--target", "cpu", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
 
@@ -31,8 +40,9 @@ def _spawn(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
 def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if root.is_dir() and any(root.rglob(".cpu.tmp-*")):  # the child's staging, in the driver's scratch
-            return
+        with contextlib.suppress(FileNotFoundError):  # a folder the build removed while this walked its tree
+            if root.is_dir() and any(root.rglob(".cpu.tmp-*")):  # the child's staging, in the driver's scratch
+                return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     raise AssertionError("the build never reached its staging step")
@@ -49,13 +59,13 @@ def test_rebuild_is_byte_identical(digits_build, tmp_path):
             assert (digits_build / target / name).read_bytes() == (tmp_path / "digits-cnn" / target / name).read_bytes()
 
 
-def test_killed_build_leaves_existing_artifact_whole(digits_build, tmp_path):
+def test_killed_build_leaves_existing_artifact_whole(digits_build, onnx_recipe, tmp_path):
     import shutil
 
     out = tmp_path / "out"
     shutil.copytree(digits_build, out / "digits-cnn")
     before = (out / "digits-cnn" / "cpu" / "manifest.json").read_bytes()
-    proc = _spawn(out)
+    proc = _spawn(onnx_recipe, out)
     _wait_for_staging(out / "digits-cnn", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -63,7 +73,7 @@ def test_killed_build_leaves_existing_artifact_whole(digits_build, tmp_path):
     assert (cpu / "manifest.json").read_bytes() == before
     assert main(["verify", str(cpu)]) == 0
     # The next build sweeps what the killed one left behind.
-    assert main(["build", RECIPE, "-o", str(out), "--force", "-q", "--target", "cpu"]) == 0
+    assert main(["build", onnx_recipe, "-o", str(out), "--force", "-q", "--target", "cpu"]) == 0
     assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]
 
 
@@ -82,13 +92,11 @@ def top1_then_hold(cand, ref, labels):
 """
 
 
-def test_interrupted_build_cleans_up_and_exits_130(tmp_path):
-    from conftest import write_recipe
-
+def test_interrupted_build_cleans_up_and_exits_130(digits_onnx, tmp_path):
     out = tmp_path / "out"
     (tmp_path / "hold.py").write_text(HOLDING_METRIC)
     text = (DIGITS / "recipe.yaml").read_text().replace("metric: top1", "metric: hold.py:top1_then_hold")
-    recipe = write_recipe(tmp_path, text)
+    recipe = write_onnx_recipe(tmp_path, digits_onnx, text)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgepipe", "build", str(recipe), "-o", str(out), "--target", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGEPIPE_TEST_OUT": str(out)},
@@ -105,10 +113,10 @@ def test_interrupted_build_cleans_up_and_exits_130(tmp_path):
     assert not [p for p in (out / "digits-cnn").iterdir() if p.name.startswith(".")]  # staging removed
 
 
-def test_concurrent_builds_into_one_folder(tmp_path):
+def test_concurrent_builds_into_one_folder(onnx_recipe, tmp_path):
     out = tmp_path / "out"
     # One driver with its build child (the default executor), one building in-process: both publish paths race.
-    procs = [_spawn(out), _spawn(out, "--executor", "inprocess")]
+    procs = [_spawn(onnx_recipe, out), _spawn(onnx_recipe, out, "--executor", "inprocess")]
     logs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert main(["verify", str(out / "digits-cnn" / "cpu")]) == 0
@@ -140,3 +148,23 @@ def test_kill_between_publish_renames_is_recovered(artifact):
     (root / ".cpu.tmp-999999999-abc").mkdir()
     assert sorted(remove_stale(root)) == [".cpu.old-999999999 (restored)", ".cpu.tmp-999999999-abc"]
     assert main(["verify", str(artifact)]) == 0
+
+
+def test_the_folder_of_a_process_that_exited_but_was_not_reaped_is_stale(tmp_path):
+    # A Ray worker that died is a zombie until the raylet reaps it; the driver sweeps the scratch right away.
+    from edgepipe.core.artifact import remove_stale
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it exits
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat")
+        deadline = time.time() + 60
+        while stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.time() < deadline
+            time.sleep(0.02)
+        live = tmp_path / f".work-{os.getpid()}-live"
+        dead = tmp_path / f".work-{proc.pid}-dead"
+        live.mkdir()
+        dead.mkdir()
+        assert remove_stale(tmp_path) == [dead.name] and live.is_dir()
+    finally:
+        proc.wait()

@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from conftest import DIGITS, write_recipe
+from conftest import DIGITS, write_onnx_recipe
 
 from edgepipe.cli import main
 from edgepipe.core.errors import BadInput
@@ -75,9 +75,9 @@ def test_cli_exit_2_and_nothing_written_for_an_op_the_runtime_lacks(tmp_path, ca
     assert not (tmp_path / "out" / "gelu" / "cpu").exists()
 
 
-def test_digits_cpu_built_for_onnxruntime_1_17(tmp_path):
+def test_digits_cpu_built_for_onnxruntime_1_17(digits_onnx, tmp_path):
     text = (DIGITS / "recipe.yaml").read_text().replace("targets: [cpu, mobile, gpu]", 'targets: {cpu: {runtime: {onnxruntime: "1.17"}}}')
-    assert main(["build", str(write_recipe(tmp_path, text)), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert main(["build", str(write_onnx_recipe(tmp_path, digits_onnx, text)), "-o", str(tmp_path / "out"), "-q"]) == 0
     folder = tmp_path / "out" / "digits-cnn" / "cpu"
     manifest = json.loads((folder / "manifest.json").read_text())
     req = manifest["runtime"]["requested"]

@@ -31,7 +31,8 @@ def plan(recipes: list[str], out: Path, only: list[str] | None, force: bool):
             raise BadInput(f"recipes {names[recipe.name]} and {path} both have name '{recipe.name}'; give each a unique name")
         names[recipe.name] = path
         pre = preflight(recipe, out, only, force)  # targets, existing artifacts, data, output folder
-        units += [Unit(str(Path(path).resolve()), recipe.name, target) for target in pre.targets]
+        exports = recipe.model.kind != "onnx"
+        units += [Unit(str(Path(path).resolve()), recipe.name, target, exports=exports) for target in pre.targets]
     return Plan(tuple(units), out, force)
 
 

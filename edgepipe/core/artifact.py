@@ -195,7 +195,17 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except OSError as exc:
         return exc.errno == errno.EPERM
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Exited, not yet reaped by its parent (Linux: state Z). A Ray worker that died is one for a moment after the
+    driver hears of it: its scratch folder is stale already."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 CONTENT_KEYS = ("name", "target", "model_file", "files", "inputs", "outputs", "opset", "ir_version", "source", "passes", "accuracy", "golden")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +83,10 @@ def export_summary(source: Source) -> ExportCheck:
 
 def versions() -> dict[str, str]:
     versions = {"edgepipe": VERSION, "onnx": onnx.__version__, "onnxruntime": ort.__version__, "onnx_ir": ir.__version__, "python": platform.python_version(), "numpy": np.__version__}
-    try:
-        import torch
-
-        versions["torch"] = str(torch.__version__)  # a str subclass of torch's: unpickling it (a build child's result) imported torch
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")
+    if torch is not None:  # a str subclass of torch's: unpickling it (a build child's result) imported torch
+        versions["torch"] = str(torch.__version__)
+    else:  # an ONNX source: the installed torch's version, without importing it (~2 CPU-s a process)
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions["torch"] = importlib.metadata.version("torch")
     return versions

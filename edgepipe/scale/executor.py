@@ -38,9 +38,11 @@ from edgepipe.pipeline.build import build, failure
 
 EXECUTORS = ("local", "inprocess", "ray")
 # Imported once, in the forkserver, rather than in every child: the build, and torch's ONNX exporter (dynamo,
-# torch.export, onnxscript's torchlib), which the build imports on its first export. A name this torch lacks is skipped.
-PRELOAD = ["edgepipe.pipeline.build", "torch.onnx._internal.exporter._core", "torch.export._trace", "torch._dynamo",
-           "onnxscript.function_libs.torch_lib.ops"]
+# torch.export, onnxscript's torchlib), which the build imports on its first export: only when a unit exports
+# (an ONNX source needs no torch; ~2 CPU-s saved). A name this torch lacks is skipped.
+PRELOAD = ["edgepipe.pipeline.build"]
+EXPORTER = ["torch.onnx._internal.exporter._core", "torch.export._trace", "torch._dynamo",
+            "onnxscript.function_libs.torch_lib.ops"]
 Done = Callable[[TargetResult], None]
 
 
@@ -52,6 +54,7 @@ class Unit:
     name: str
     target: str
     fanout: str = "local"  # ray: the unit's evaluation fans out as Ray tasks
+    exports: bool = True  # its model comes from torch / Hugging Face (exported), not from an ONNX file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +208,8 @@ def _run_children(plan: Plan, jobs: int, retries: int, done: Done, log_stream: s
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))  # before the server starts (the first build of this process)
+    # Before the server starts (the first build of this process): a later build reuses the server as it is.
+    ctx.set_forkserver_preload([*PRELOAD, *(EXPORTER if any(u.exports for u in plan.units) else [])])
     queue = collections.deque(_groups(plan.units, per_recipe=jobs <= 1))
     attempts: collections.Counter[Unit] = collections.Counter()
     results: list[TargetResult] = []
