@@ -1,7 +1,7 @@
 """Static int8 QDQ with and without empirical bias correction on the zoo's MobileNet-family CNNs (issue #16).
 
 Run (torchvision lives outside the test env, see benchmarks/zoo.py; any venv with this tree's edgepipe and
-torchvision 0.28):  PY benchmarks/bias_correction.py [--models mobilenet_v2,...] [--rounds 1,3] [--out DIR]
+torchvision 0.28):  PY benchmarks/bias_correction.py [--models mobilenet_v2,...] [--out DIR]
 
 Per model: the zoo's --quick recipe (16 calibration / 8 eval photo crops), exported once, the cpu chain's
 `cleanup` + `optimize.ort` (basic), then quantize.static with MinMax or percentile 99.999 calibration, each with
@@ -30,7 +30,7 @@ def zoo():
     return module
 
 
-def measure(name: str, out: Path, rounds: list[int]) -> dict[str, float]:
+def measure(name: str, out: Path) -> dict[str, float]:
     from edgepipe.passes import PassContext
     from edgepipe.passes.base import load
     from edgepipe.pipeline.build import prepare, run_passes
@@ -51,11 +51,10 @@ def measure(name: str, out: Path, rounds: list[int]) -> dict[str, float]:
         base, _ = run_passes([{"name": "cleanup"}, {"name": "optimize.ort", "level": "basic"}], pctx, load(ctx.source.onnx_path))
         scores["float"] = evaluate(base)
         for cal, options in CALIBRATIONS.items():
-            for r in [None, *rounds]:
+            for corrected in (False, True):
                 start = time.perf_counter()
-                step = {"name": "quantize.static", **options, "bias_correction": r is not None, "bias_correction_steps": r or 0}
-                model, log = run_passes([step], pctx, base)
-                key = cal + ("" if r is None else f"+BC{r}")
+                model, log = run_passes([{"name": "quantize.static", **options, "bias_correction": corrected}], pctx, base)
+                key = cal + ("+BC" if corrected else "")
                 scores[key] = evaluate(model)
                 print(f"  {name:<20} {key:<14} cosine {scores[key]:.4f}  ({time.perf_counter() - start:.0f}s) "
                       f"{ {k: v for k, v in log[0]['stats'].items() if k.startswith('bias')} }", flush=True)
@@ -65,11 +64,9 @@ def measure(name: str, out: Path, rounds: list[int]) -> dict[str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--steps", default="0", help="bias_correction_steps to measure, comma-separated (0: layer by layer)")
     p.add_argument("--out", type=Path, default=Path("/tmp/edgepipe-biascorr"))
     args = p.parse_args()
-    rounds = [int(r) for r in args.steps.split(",")]
-    table = {m: measure(m, args.out, rounds) for m in args.models.split(",")}
+    table = {m: measure(m, args.out) for m in args.models.split(",")}
     keys = list(next(iter(table.values())))
     print("\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for m, s in table.items():

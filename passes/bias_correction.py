@@ -7,8 +7,9 @@ MobileNet. Measured on the calibration data: the per-channel mean of (QDQ − fl
 (scale = input scale × weight scale per channel): the int32 values move by round(delta / scale), so the graph,
 its scales and its speed are unchanged; only bias values change.
 
-Layer by layer in graph order (or in a few groups): a layer is measured with the earlier corrections in place.
-The QDQ model runs without graph optimizations so each tensor is exactly the graph's.
+Layer by layer in graph order: a layer is measured with the earlier corrections in place. The QDQ model runs
+without graph optimizations so each tensor is exactly the graph's (ORT's int8 kernels differ from that float
+emulation only by float rounding of the accumulation).
 """
 
 from __future__ import annotations
@@ -86,32 +87,28 @@ def _channel_means(model: ir.Model, names: list[str], batches: Iterable[Batch], 
 
 
 def correct_biases(float_model: ir.Model, quantized: ir.Model, calibration: Callable[[], Iterable[Batch]],
-                   max_samples: int, workdir: Path, steps: int = 0) -> dict[str, int | float]:
+                   max_samples: int, workdir: Path) -> dict[str, int | float]:
     """Edit ``quantized``'s Conv / Gemm biases in place so each output channel's mean matches the float model's.
 
-    Layers are corrected in graph order, in ``steps`` groups (0: one layer at a time); each group is measured with
-    the earlier groups' corrections in place. One step corrects every layer at once: a later layer's measured
-    shift then still holds what the earlier layers' corrections remove, and it over-corrects. Returns stats.
+    One layer at a time in graph order, each measured with the earlier corrections in place (one calibration run
+    per layer). Correcting every layer from one measurement over-corrects: a later layer's shift then still holds
+    what the earlier corrections remove (MobileNetV2: cosine 0.9715 → 0.9298 one-shot, 0.9720 layer by layer).
+    Returns stats.
     """
     targets = _targets(quantized, float_model)
     if not targets:
         return {"bias_corrected": 0}
     reference = _channel_means(float_model, [t[0] for t in targets], calibration(), max_samples, workdir, None)
     shifts = []
-    groups = np.array_split(np.arange(len(targets)), steps if 0 < steps < len(targets) else len(targets))
-    for group in groups:
-        chosen = [targets[i] for i in group]
-        got = _channel_means(quantized, [t[1] for t in chosen], calibration(), max_samples, workdir,
-                             ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        for float_name, name, value, scale in chosen:
-            delta = got[name] - reference[float_name]
-            old = value.const_value.numpy()
-            if scale is None:
-                new = (old - delta.reshape(old.shape)).astype(old.dtype)
-            else:
-                moved = np.round(delta / np.broadcast_to(scale, delta.shape)).astype(np.int64)
-                new = np.clip(old.astype(np.int64) - moved, INT32.min, INT32.max).astype(np.int32)
-            value.const_value = ir.tensor(new, name=value.const_value.name)
-            shifts.append(float(np.abs(delta).mean()))
-    return {"bias_corrected": len(targets), "bias_correction_steps": len(groups),
-            "bias_mean_abs_shift": round(float(np.mean(shifts)), 6)}
+    for float_name, name, value, scale in targets:
+        got = _channel_means(quantized, [name], calibration(), max_samples, workdir, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        delta = got[name] - reference[float_name]
+        old = value.const_value.numpy()
+        if scale is None:
+            new = (old - delta.reshape(old.shape)).astype(old.dtype)
+        else:
+            moved = np.round(delta / np.broadcast_to(scale, delta.shape)).astype(np.int64)
+            new = np.clip(old.astype(np.int64) - moved, INT32.min, INT32.max).astype(np.int32)
+        value.const_value = ir.tensor(new, name=value.const_value.name)
+        shifts.append(float(np.abs(delta).mean()))
+    return {"bias_corrected": len(targets), "bias_mean_abs_shift": round(float(np.mean(shifts)), 6)}

@@ -16,7 +16,6 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
-from pydantic import Field
 
 from edgepipe.core.errors import BadInput
 from edgepipe.core.logs import quiet
@@ -57,10 +56,8 @@ class StaticConfig(PassConfig):
     keep_attention_mask_float: bool = True
     mask_threshold: float = 1e4
     # Empirical bias correction (passes/bias_correction.py): Conv/Gemm biases moved so each output channel's mean
-    # on the calibration data matches float; in ``bias_correction_steps`` groups in graph order, each measured with
-    # the earlier corrections in place (0: layer by layer, one calibration run per Conv/Gemm).
+    # on the calibration data matches float, layer by layer (one calibration run per Conv/Gemm). Off by default.
     bias_correction: bool = False
-    bias_correction_steps: int = Field(0, ge=0)
 
 
 class _Reader(CalibrationDataReader):
@@ -192,7 +189,7 @@ class QuantizeStatic(EdgepipePass):
         result = load(out)
         stats = {"quantized_nodes": _quantized_nodes(result), "calibration_samples": reader.samples}
         if c.bias_correction:
-            stats.update(correct_biases(graph, result, self.context.calibration, c.max_samples, folder, c.bias_correction_steps))
+            stats.update(correct_biases(graph, result, self.context.calibration, c.max_samples, folder))
         if kept:
             stats["kept_float"] = kept
         return StatsResult(result, modified=True, stats=stats)
