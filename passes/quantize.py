@@ -20,6 +20,7 @@ from onnxruntime.quantization import (
 from edgepipe.core.errors import BadInput
 from edgepipe.core.logs import quiet
 from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, save
+from edgepipe.passes.bias_correction import correct_biases
 from edgepipe.passes.float_guard import attention_mask_nodes, index_nodes, name_nodes
 
 CALIBRATION = {
@@ -54,6 +55,9 @@ class StaticConfig(PassConfig):
     # Keep attention-mask paths (a float-min/-1e4/-inf constant reaching Softmax) in float.
     keep_attention_mask_float: bool = True
     mask_threshold: float = 1e4
+    # Empirical bias correction (passes/bias_correction.py): Conv/Gemm biases moved so each output channel's mean
+    # on the calibration data matches float, layer by layer (one calibration run per Conv/Gemm). Off by default.
+    bias_correction: bool = False
 
 
 class _Reader(CalibrationDataReader):
@@ -184,6 +188,8 @@ class QuantizeStatic(EdgepipePass):
             raise BadInput("calibration data is empty: data.calibration yielded no batches")
         result = load(out)
         stats = {"quantized_nodes": _quantized_nodes(result), "calibration_samples": reader.samples}
+        if c.bias_correction:
+            stats.update(correct_biases(graph, result, self.context.calibration, c.max_samples, folder))
         if kept:
             stats["kept_float"] = kept
         return StatsResult(result, modified=True, stats=stats)
