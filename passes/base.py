@@ -41,6 +41,17 @@ class PassConfig(BaseModel):
     """Base of every pass's options: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Options added later whose default leaves the pass's output as it was: left out of the manifest's params while
+    # at that default, so adding an option does not move the content_sha256 of artifacts whose recipes don't use it.
+    QUIET_DEFAULTS: ClassVar[frozenset[str]] = frozenset()
+
+    def record(self) -> dict[str, Any]:
+        """The params a manifest records: every option, less the QUIET_DEFAULTS still at their default."""
+        data = self.model_dump()
+        for name in self.QUIET_DEFAULTS:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
 
 
 @dataclasses.dataclass

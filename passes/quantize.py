@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import onnx_ir as ir
 from onnxruntime.quantization import (
@@ -58,6 +58,7 @@ class StaticConfig(PassConfig):
     # Empirical bias correction (passes/bias_correction.py): Conv/Gemm biases moved so each output channel's mean
     # on the calibration data matches float, layer by layer (one calibration run per Conv/Gemm). Off by default.
     bias_correction: bool = False
+    QUIET_DEFAULTS: ClassVar[frozenset[str]] = frozenset({"bias_correction"})  # added after artifacts were published
 
 
 class _Reader(CalibrationDataReader):

@@ -30,10 +30,9 @@ OPS_CONFIG = "required_operators.config"
 # Phones are ARM: "arm" keeps x86-only layout rewrites (NCHWc) out of the .ort and allows int8 QDQ.
 PLATFORM = "arm"
 ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag
-# onnxruntime's converter module, run with torch blocked: `onnxruntime.tools` imports torch when it is installed, for
-# a helper the converter never calls; that import was ~1.8 s of a ~2.1 s conversion of the digits model.
-CONVERTER = ("import sys; sys.modules['torch'] = None; import runpy; "
-             "runpy.run_module('onnxruntime.tools.convert_onnx_models_to_ort', run_name='__main__', alter_sys=True)")
+# onnxruntime's converter runs as it ships (`python -m`), torch import included (~1.8 s of a ~2.1 s conversion of
+# the digits model): the .ort's kernel type-string table is written in hash-map order, and onnxruntime's hash seed
+# follows the child's memory layout, so blocking torch there changed every published .ort's bytes (docs/decisions.md).
 
 
 def _no_aslr() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -55,7 +54,7 @@ def convert_to_ort(src: Path, out: Path, level: str = "all") -> None:
     Where personality(2) is refused the conversion still runs.
     """
     # Relative paths from the model's folder: the child's argv (and so its memory layout) is the same every build.
-    cmd = [sys.executable, "-c", CONVERTER, src.name, "--output_dir",
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", src.name, "--output_dir",
            os.path.relpath(out, src.parent), "--optimization_style", "Fixed", "--target_platform", PLATFORM]
     # A fixed environment too: the writer's output changed with the size of the caller's environment.
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
@@ -84,7 +83,7 @@ def converted(src: Path, level: str = "all") -> tuple[bytes, str]:
 
 
 # The last conversions of this process by the ONNX file's sha256: the speed check converts the float and the int8
-# model, and the build then ships one of them; the converter (a child process, ~0.3 s) gives the same bytes for
+# model, and the build then ships one of them; the converter (a child that imports torch, ~2 s) gives the same bytes for
 # the same file, so the shipped one is not converted again.
 _CONVERTED: collections.OrderedDict[str, tuple[bytes, str]] = collections.OrderedDict()
 _KEEP = 2

@@ -70,3 +70,16 @@ def test_bias_correction_keeps_the_pass_contract(tmp_path):
     assert ir.to_proto(model).SerializeToString(deterministic=True) == before
     again = _quantize(result.model, x, tmp_path, bias_correction=True)
     assert not again.modified and same(again.model, result.model)
+
+
+def test_the_option_at_its_default_is_not_in_the_manifest_params(tmp_path):
+    """An option added after artifacts were published: a recipe that doesn't use it keeps its manifest params (and so
+    its content_sha256); one that turns it on records it."""
+    from edgepipe.pipeline.build import run_passes
+
+    model, x = _gemm()
+    context = PassContext(workdir=tmp_path, calibration=lambda: iter([{"x": x}]))
+    params = [run_passes([{"name": "quantize.static", **extra}], context, model)[1][0]["params"]
+              for extra in ({}, {"bias_correction": False}, {"bias_correction": True})]
+    assert "bias_correction" not in params[0] and params[0] == params[1]
+    assert params[2] == {**params[0], "bias_correction": True}

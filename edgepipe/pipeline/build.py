@@ -367,7 +367,7 @@ def run_passes(chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model) 
             raise PassError(p.name, [e["name"] for e in pass_log], exc) from exc
         model = result.model
         stats = {"before": before, "after": model_stats(model), **getattr(result, "stats", {})}
-        pass_log.append({"name": p.name, "params": p.config.model_dump(), "modified": result.modified, "stats": stats})
+        pass_log.append({"name": p.name, "params": p.config.record(), "modified": result.modified, "stats": stats})
         logger.info(f"  pass  {p.name:<18} nodes {before['nodes']}→{stats['after']['nodes']}  bytes {before['bytes']}→{stats['after']['bytes']}  ({time.perf_counter() - start:.1f}s)")
         if stats.get("summary"):
             logger.info(f"        {stats['summary']}")

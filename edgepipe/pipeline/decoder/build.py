@@ -269,7 +269,7 @@ def _prepare(form: Form, exported: Exported, config: Int4Config | None, spec: Ac
             logger.info("  pass  quantize.int4  the same options and budget as an earlier target: its model")
         model = onnx.ModelProto()
         model.CopyFrom(chosen[key][0])
-        passes.append({"name": "quantize.int4", "params": config.model_dump(), "modified": True, "stats": chosen[key][1]})
+        passes.append({"name": "quantize.int4", "params": config.record(), "modified": True, "stats": chosen[key][1]})
     else:
         model = _float(exported, form)
         if form.fp16 and share_head(model):
