@@ -105,13 +105,10 @@ def run_with_fallback(
         tried = _tried(stats)
         why = f"no int8 model met the budget (tried {tried}): shipped float"
         logger.info(f"        {why}")
-        record = {"name": FALLBACK, "params": {"dropped": chain[index]}, "modified": True,
-                  "stats": {"summary": why, "warning": f"{target}: {why}", "tried": tried, "fallback_from": origin,
-                            "quantize.auto": {"max_float": auto["max_float"], "kept_float": len(stats.get("kept_float") or []),
-                                              "nodes": len(stats.get("sensitivity") or []),
-                                              "metric": stats.get("final_metric")}}}
-        after, after_log = run(chain[index + 1 :], pctx, before)
-        return after, [*before_log, record, *after_log]
+        auto_counts = {"max_float": auto["max_float"], "kept_float": len(stats.get("kept_float") or []),
+                       "nodes": len(stats.get("sensitivity") or []), "metric": stats.get("final_metric")}
+        return _ship_float(target, chain, index, why, {"tried": tried, "fallback_from": origin, "quantize.auto": auto_counts},
+                           pctx, before, before_log, run)
     after, after_log = run(chain[index + 1 :], pctx, fixed)
     return after, before_log + auto_log + after_log
 
@@ -132,9 +129,15 @@ def float_after_all(target: str, spec: TargetSpec, chain: list[dict[str, Any]], 
     missed_by = why
     why = f"the int8 model the budget fallback chose missed the budget as emitted ({why}): shipped float"
     logger.info(f"        {why}")
-    record = {"name": FALLBACK, "params": {"dropped": chain[index]}, "modified": True,
-              "stats": {"summary": why, "warning": f"{target}: {why}", "tried": why, "as_emitted": missed_by}}
     before, before_log = run(chain[:index], pctx, model)
+    return _ship_float(target, chain, index, why, {"tried": why, "as_emitted": missed_by}, pctx, before, before_log, run)
+
+
+def _ship_float(target: str, chain: list[dict[str, Any]], index: int, why: str, stats: dict[str, Any], pctx: PassContext,
+                before: ir.Model, before_log: list[dict], run: RunPasses) -> tuple[ir.Model, list[dict]]:
+    """The chain with its quantize step (``chain[index]``) dropped, and a budget.fallback record saying why."""
+    record = {"name": FALLBACK, "params": {"dropped": chain[index]}, "modified": True,
+              "stats": {"summary": why, "warning": f"{target}: {why}", **stats}}
     after, after_log = run(chain[index + 1 :], pctx, before)
     return after, [*before_log, record, *after_log]
 
