@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV = Path("/tmp/edgepipe-zoo-venv")
+VENV = Path(os.environ.get("EDGEPIPE_ZOO_VENV", "/tmp/edgepipe-zoo-venv"))  # one per worktree that runs the zoo at the same time
 VISION = {
     "resnet18": "resnet18", "mobilenet_v2": "mobilenet_v2", "mobilenet_v3_small": "mobilenet_v3_small",
     "efficientnet_b0": "efficientnet_b0", "shufflenet_v2": "shufflenet_v2_x1_0", "squeezenet1_1": "squeezenet1_1",
@@ -116,17 +116,25 @@ def photo_crops(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def vision_env() -> Path:
-    """The throwaway venv's python (made once): this env's packages through a .pth, plus torchvision 0.28 (no deps)."""
+    """The throwaway venv's python: this env's packages (and its editable edgepipe) through a .pth, plus torchvision
+    0.28 (no deps). The venv is kept between runs, but its links to this env are rewritten on every call: a venv
+    made from another worktree would otherwise build with that worktree's edgepipe."""
     python = VENV / "bin" / "python"
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)"
-    if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
-        return python
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     site = next((VENV / "lib").glob("python3*/site-packages"))
+    for f in site.glob("__editable__*edgepipe*"):
+        f.unlink()
     (site / "_edgepipe_zoo_base.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
     for f in Path(sysconfig.get_paths()["purelib"]).glob("__editable__*edgepipe*"):  # this env's editable edgepipe
         shutil.copy(f, site / f.name)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "torchvision==0.28.0"], check=True)
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)"
+    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "torchvision==0.28.0"], check=True)
+    where = subprocess.run([str(python), "-c", "import edgepipe, sys; sys.stdout.write(edgepipe.__file__)"],
+                           capture_output=True, text=True, check=True).stdout
+    if Path(where).resolve().parents[1] != ROOT:
+        raise SystemExit(f"{VENV} imports edgepipe from {where}, not from {ROOT}: remove {VENV} and rerun")
     return python
 
 
