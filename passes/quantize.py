@@ -21,12 +21,14 @@ from edgepipe.core.errors import BadInput
 from edgepipe.core.logs import quiet
 from edgepipe.passes.base import Batch, EdgepipePass, PassConfig, StatsResult, clone, is_large, load, save
 from edgepipe.passes.bias_correction import correct_biases
+from edgepipe.passes.calib_mse import calibrate as mse_calibrate
 from edgepipe.passes.float_guard import attention_mask_nodes, index_nodes, name_nodes
 
 CALIBRATION = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
     "percentile": CalibrationMethod.Percentile,
+    "mse": CalibrationMethod.Percentile,  # ranges from passes/calib_mse.py, handed over as a Percentile cache
 }
 INT8 = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 
@@ -41,7 +43,8 @@ class DynamicConfig(PassConfig):
 
 
 class StaticConfig(PassConfig):
-    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # mse: per tensor, the range with the least expected uint8 error over its histogram (passes/calib_mse.py)
+    calibration: Literal["minmax", "entropy", "percentile", "mse"] = "minmax"
     per_channel: bool = True
     activation_type: Literal["int8", "uint8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
@@ -170,6 +173,15 @@ class QuantizeStatic(EdgepipePass):
             "WeightSymmetric": c.symmetric_weights,
             **c.extra_options,
         }
+        cache, ranged = None, {}
+        if c.calibration == "mse":
+            if c.activation_type != "uint8" or c.symmetric_activations:
+                raise BadInput("quantize.static calibration: mse chooses uint8 asymmetric activation ranges: "
+                               "use activation_type: uint8, symmetric_activations: false, or another calibration")
+            cache, count = mse_calibrate(src, reader, c.op_types, folder, is_large(model))
+            ranged = {"mse_ranges": count}
+            if reader.samples == 0:
+                raise BadInput("calibration data is empty: data.calibration yielded no batches")
         with quiet():
             quantize_static(
                 src,
@@ -184,11 +196,12 @@ class QuantizeStatic(EdgepipePass):
                 calibrate_method=CALIBRATION[c.calibration],
                 use_external_data_format=is_large(model),
                 extra_options=extra,
+                calibration_cache_path=cache,
             )
         if reader.samples == 0:
             raise BadInput("calibration data is empty: data.calibration yielded no batches")
         result = load(out)
-        stats = {"quantized_nodes": _quantized_nodes(result), "calibration_samples": reader.samples}
+        stats = {"quantized_nodes": _quantized_nodes(result), "calibration_samples": reader.samples, **ranged}
         if c.bias_correction:
             stats.update(correct_biases(graph, result, self.context.calibration, c.max_samples, folder))
         if kept:
