@@ -5,7 +5,7 @@ the target ships them (model.onnx, or the mobile .ort) and timed side by side on
 int8 is slower by more than the noise, the nodes whose int8 form costs more than their float form
 (one ORT profiling run of each model, targets/nodecost.py; the known-slow patterns, squeeze-excitation,
 hard-swish / hard-sigmoid / swish activations, depthwise convolutions, when that measures nothing) stay
-float and it is timed again; when that is still slower, the float model ships. Three timings at most,
+float and it is timed again; when that is still slower, the float model ships. Three timings at most (both sets side by side),
 and the choice is in the quantize pass's stats. The budget fallback's quantize.auto gets the same
 per-node measurement (PassContext.node_costs) to choose the faster of the float sets that meet the budget.
 """
@@ -205,15 +205,21 @@ def run_chain(
             tail[0]["stats"]["speed"] = {**speed, "choice": "int8"}
             logger.info(f"  speed int8 {int8_ms:.3f} ms, float {float_ms:.3f} ms: int8 ships")
             return int8_model, head + tail
-        exclude, how = _slow(float_model, int8_model, cost_of, speed)
-        partial = _partial(chain, q, exclude, qctx, float_model, run_passes, speed) if exclude else None
-        if partial is not None:
-            partial, partial_tail = partial
-            float_ms, partial_ms = timer([float_path, emit(partial, "partial")], target, sample)
-            speed.update(partial_ms=partial_ms, float_ms_retimed=float_ms, kept_float=len(exclude), slow_nodes=how)
-            if not slower(partial_ms, float_ms):
+        partials = []  # (nodes kept float, which, model, pass log): the measured nodes, the known-slow patterns
+        for exclude, how in _slow(float_model, int8_model, cost_of, speed):
+            got = _partial(chain, q, exclude, qctx, float_model, run_passes, speed)
+            if got is not None:
+                partials.append((exclude, how, *got))
+        if partials:
+            float_ms, *times = timer([float_path, *(emit(p[2], f"partial{i}") for i, p in enumerate(partials))], target, sample)
+            best = int(np.argmin(times))
+            exclude, how, partial, partial_tail = partials[best]
+            speed.update(partial_ms=times[best], float_ms_retimed=float_ms, kept_float=len(exclude), slow_nodes=how)
+            if len(partials) > 1:
+                speed["partials_ms"] = {p[1]: ms for p, ms in zip(partials, times, strict=True)}
+            if not slower(times[best], float_ms):
                 partial_tail[0]["stats"]["speed"] = {**speed, "choice": f"int8, {how} in float"}
-                logger.info(f"  speed int8 {int8_ms:.3f} ms > float {float_ms:.3f} ms: {len(exclude)} {how} kept float → {partial_ms:.3f} ms")
+                logger.info(f"  speed int8 {int8_ms:.3f} ms > float {float_ms:.3f} ms: {len(exclude)} {how} kept float → {times[best]:.3f} ms")
                 return partial, head + partial_tail
         why = f"int8 slower than float on this machine ({speed.get('partial_ms', int8_ms):.3f} ms vs {float_ms:.3f} ms p50, batch 1): shipped float"
         logger.info(f"  speed {why}")
@@ -227,14 +233,17 @@ def run_chain(
 
 
 def _slow(float_model: ir.Model, int8_model: ir.Model, cost_of: Callable[[ir.Model, ir.Model], dict],
-          speed: dict[str, Any]) -> tuple[list[str], str]:
-    """The nodes to keep float when int8 is slower: those whose int8 form measures slower than their float form,
-    or, when the measurement maps nothing (or fails), the known-slow patterns."""
+          speed: dict[str, Any]) -> list[tuple[list[str], str]]:
+    """The node sets to try in float when int8 is slower (timed side by side, the faster ships): those whose int8
+    form measures slower than their float form, and the known-slow patterns (alone when the measurement maps
+    nothing or fails)."""
     try:
         measured = slower_in_int8(cost_of(float_model, int8_model))
     except Exception as exc:  # a best-effort measurement: the pattern list stands in
         speed["cost_error"] = str(exc).splitlines()[0][:300]
         measured = []
-    if measured:
-        return measured, "nodes measured slower in int8"
-    return slow_nodes(float_model), "slow patterns"
+    patterns = slow_nodes(float_model)
+    sets = [(measured, "nodes measured slower in int8")] if measured else []
+    if patterns and set(patterns) != set(measured):
+        sets.append((patterns, "slow patterns"))
+    return sets

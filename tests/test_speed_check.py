@@ -70,7 +70,7 @@ def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu",
 
     def timer(paths, _target, _sample):
         calls.append([p.suffix for p in paths])
-        return [next(answers), next(answers)]
+        return [next(answers) for _ in paths]
 
     out, log = run_chain(TARGETS[target](), tctx, chain, _context(tmp_path), model, {"image": _images(2, 9)}, _run_passes, timer,
                          costs)
@@ -173,9 +173,10 @@ def test_real_timer_decides_by_its_own_timings(tmp_path, block_onnx):
         assert quantized
 
 
-def test_nodes_measured_slower_in_int8_go_float(tmp_path, block_onnx):
-    """When int8 is slower, the nodes whose int8 form the per-node measurement finds slower stay float (not the
-    pattern list): here the stem conv only."""
+@pytest.mark.parametrize("faster", ["measured", "patterns"])
+def test_nodes_measured_slower_in_int8_go_float(tmp_path, block_onnx, faster):
+    """When int8 is slower, the nodes whose int8 form the per-node measurement finds slower (here the stem conv
+    only) and the known-slow patterns are each kept float, timed side by side with float: the faster ships."""
     seen = {}
 
     def costs(float_path, int8_path, graph, target, sample, workdir):
@@ -184,10 +185,16 @@ def test_nodes_measured_slower_in_int8_go_float(tmp_path, block_onnx):
         seen["stem"] = convs[0]
         return {convs[0]: {"int8_ms": 0.5, "float_ms": 0.1}, **{c: {"int8_ms": 0.1, "float_ms": 0.3} for c in convs[1:]}}
 
-    out, log, calls = _chain(tmp_path, block_onnx, [1.0, 2.0, 1.0, 0.8], costs=costs)
-    assert len(calls) == 2 and seen["files"] == [".onnx", ".onnx"]
-    assert log[-1]["params"]["nodes_to_exclude"] == [seen["stem"]]
+    times = [1.0, 2.0, 1.0, 0.8, 0.9] if faster == "measured" else [1.0, 2.0, 1.0, 0.9, 0.8]
+    out, log, calls = _chain(tmp_path, block_onnx, times, costs=costs)
+    assert len(calls) == 2 and len(calls[1]) == 3 and seen["files"] == [".onnx", ".onnx"]
     speed = log[-1]["stats"]["speed"]
+    assert speed["partial_ms"] == 0.8 and set(speed["partials_ms"].values()) == {0.8, 0.9}
+    if faster == "patterns":
+        assert set(log[-1]["params"]["nodes_to_exclude"]) == set(slow_nodes(block_onnx))
+        assert speed["choice"] == "int8, slow patterns in float"
+        return
+    assert log[-1]["params"]["nodes_to_exclude"] == [seen["stem"]]
     assert speed["choice"] == "int8, nodes measured slower in int8 in float" and speed["kept_float"] == 1
     convs = [n for n in out.graph if n.op_type == "Conv"]
     float_weight = [n.inputs[1].producer() is None for n in convs]  # no DequantizeLinear feeds a float weight
