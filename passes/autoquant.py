@@ -8,7 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -44,6 +44,11 @@ class AutoConfig(PassConfig):
     # (passes/quant_noise.py); auto: per_node up to PER_NODE_MAX candidates, probe beyond (where it applies)
     ranking: Literal["auto", "per_node", "probe"] = "auto"
     probe_samples: int = 4
+    # also search the first nodes in graph order (one float region: no int8 ↔ float crossings inside it); of the two
+    # sets that meet the budget, the one that costs less time as the target ships it (PassContext.node_costs, a
+    # speed-checked target), else the smaller. The budget fallback's step on cpu and mobile sets it.
+    graph_order: bool = False
+    QUIET_DEFAULTS: ClassVar[frozenset[str]] = frozenset({"graph_order"})  # added after artifacts were published
 
     @model_validator(mode="after")
     def _options(self) -> AutoConfig:
@@ -126,6 +131,31 @@ def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: 
     _toposort(graph)
     _prune(graph)
     return out
+
+
+def float_cost(graph: onnx.GraphProto, names: list[str], costs: dict[str, dict[str, float]]) -> float:
+    """Estimated ms the int8 model gains with ``names`` in float: each node's float-minus-int8 time, plus a crossing
+    (``costs['']['crossing_ms_per_element']`` per element) for each tensor between a float and an int8 node."""
+    floats = set(names)
+    cross = costs.get("", {}).get("crossing_ms_per_element", 0.0)
+    inits = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i and i not in inits:
+                readers.setdefault(i, []).append(n.name)
+
+    def elements(tensor: str, hops: int = 3) -> int:
+        p = producer.get(tensor)
+        size = costs.get(p.name, {}).get("elements", 0) if p is not None else 0
+        if size or p is None or hops == 0 or not p.input:
+            return int(size)
+        return elements(p.input[0], hops - 1)  # an activation ORT fused into the node before it: that node's size
+
+    own = sum(costs.get(n, {}).get("float_ms", 0.0) - costs.get(n, {}).get("int8_ms", 0.0) for n in floats)
+    crossed = sum(elements(t) for t, p in producer.items() if t in readers and any((r in floats) != (p.name in floats) for r in readers[t]))
+    return own + cross * crossed
 
 
 def _weight_elements(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
@@ -270,14 +300,21 @@ class QuantizeAuto(EdgepipePass):
         share = isinstance(c.max_float, float)
         limit = min(len(order), math.ceil(c.max_float * len(order)) if share else c.max_float)
 
-        def step(k: int) -> bool:
-            s = score_with(order[:k])
-            steps.append({"kept_float": k, "nodes": order[:k], "metric": round(s, 6), "passed": accept(s)})
-            return steps[-1]["passed"]
+        def searched(names: list[str], how: str) -> list[str] | None:
+            """The fewest of ``names`` (a prefix) whose float form meets the budget, or None within ``limit``."""
+            def step(k: int) -> bool:
+                s = score_with(names[:k])
+                steps.append({"kept_float": k, "nodes": names[:k], "metric": round(s, 6), "passed": accept(s), "order": how})
+                return steps[-1]["passed"]
 
-        best = self._search(step, limit, c.search)
+            best = self._search(step, limit, c.search)
+            return None if best is None else names[:best]
+
+        kept = searched(order, "sensitivity")
+        if c.graph_order:
+            kept = self._faster(kept, searched([n.name for n in candidates], "graph"), fproto, named, first.model, stats)
         stats["search_seconds"] = round(time.perf_counter() - start, 2)
-        kept = order[: (limit if best is None else best)]
+        kept = order[:limit] if kept is None else kept
         # ship the model the search scored (re-quantizing with these nodes excluded calibrates the rest afresh:
         # another model, which scored below the search's on EfficientNet-B0)
         final_model = ir.from_proto(keep_float(qproto, fproto, kept))
@@ -288,8 +325,12 @@ class QuantizeAuto(EdgepipePass):
         stats.update(kept_float=kept, final_metric=round(final_score, 6), passed=passed)
         runs = "1 probe run" if ranking and "noise" in ranking[0] else f"{len(order)} sensitivity runs"
         tried = f"({len(steps) - 1} search steps, {runs})"
+        graph_order = next((s.get("order") for s in steps if s["nodes"] == kept), None) == "graph"
+        if graph_order:
+            stats["float_region"] = "the first nodes in graph order"
         if passed:
-            stats["summary"] = f"int8 {score:.4f} broke the budget; kept {len(kept)} of {len(order)} nodes in float → {final_score:.4f} {tried}"
+            which = "the first " if graph_order else ""
+            stats["summary"] = f"int8 {score:.4f} broke the budget; kept {which}{len(kept)} of {len(order)} nodes in float → {final_score:.4f} {tried}"
         else:
             stats["summary"] = (
                 f"budget not met: int8 {score:.4f}, and {final_score:.4f} with the {len(kept)} most sensitive of "
@@ -318,6 +359,29 @@ class QuantizeAuto(EdgepipePass):
         # where it ran stays out of the stats: they are part of the manifest's content, equal on every executor
         scores, _ = sensitivity(qproto, fproto, [node.name for node in candidates], ctx.evaluate, n, ctx.map, run_seconds)
         return rank(fproto, candidates, scores, base, c.rank)
+
+    def _faster(self, ranked: list[str] | None, prefix: list[str] | None, fproto: onnx.ModelProto, named: ir.Model,
+                quantized: ir.Model, stats: dict[str, Any]) -> list[str] | None:
+        """Of the two float sets that meet the budget, the one that costs less time as the target ships it.
+
+        ``ranked``: the most sensitive nodes; ``prefix``: the first nodes in graph order, one float region (no int8
+        ↔ float crossings inside it; the error that int8 adds early on also grows less through the network).
+        Costed by ``float_cost`` from ``PassContext.node_costs`` (one profiling run of each model); without a
+        measurement, the smaller set.
+        """
+        found = [k for k in (ranked, prefix) if k is not None]
+        if len(found) < 2:
+            return found[0] if found else None
+        if self.context.node_costs is None:
+            return min(found, key=len)
+        try:
+            costs = self.context.node_costs(named, quantized)
+        except Exception as exc:  # a best-effort measurement: the smaller set
+            stats["node_costs_error"] = str(exc).splitlines()[0][:300]
+            return min(found, key=len)
+        estimates = [float_cost(fproto.graph, k, costs) for k in found]
+        stats["float_cost_ms"] = {"sensitivity": round(estimates[0], 4), "graph": round(estimates[1], 4)}
+        return found[int(np.argmin(estimates))]
 
     @staticmethod
     def _search(step, limit: int, how: str) -> int | None:

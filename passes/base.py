@@ -66,6 +66,9 @@ class PassContext:
     accept: Callable[[float], bool] | None = None  # does an ``evaluate`` score meet the target's budget?
     target: str = "cpu"
     map: Mapper = local_map  # map(fn, items) -> list: fans out over the build's executor (docs/executor.md)
+    # node_costs(float model, int8 model) -> {float node name: {"int8_ms", "float_ms"}}: what each node costs in either
+    # form as the target ships it (targets/nodecost.py); set on speed-checked targets, None elsewhere
+    node_costs: Callable[[ir.Model, ir.Model], dict[str, dict[str, float]]] | None = None
 
     def scratch(self, stem: str) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)

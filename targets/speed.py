@@ -2,14 +2,17 @@
 
 The chain runs up to its quantize pass (the float model), then the rest; both are emitted the way
 the target ships them (model.onnx, or the mobile .ort) and timed side by side on one sample. When
-int8 is slower by more than the noise, the known-slow patterns (squeeze-excitation, hard-swish /
-hard-sigmoid / swish activations, depthwise convolutions) stay float and it is timed again; when
-that is still slower, the float model ships. Three timings at most, and the choice is in the
-quantize pass's stats.
+int8 is slower by more than the noise, the nodes whose int8 form costs more than their float form
+(one ORT profiling run of each model, targets/nodecost.py; the known-slow patterns, squeeze-excitation,
+hard-swish / hard-sigmoid / swish activations, depthwise convolutions, when that measures nothing) stay
+float and it is timed again; when that is still slower, the float model ships. Three timings at most (both sets side by side),
+and the choice is in the quantize pass's stats. The budget fallback's quantize.auto gets the same
+per-node measurement (PassContext.node_costs) to choose the faster of the float sets that meet the budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from edgepipe.core.bench import resize_batch
@@ -27,6 +31,7 @@ from edgepipe.passes import PassContext
 from edgepipe.passes.base import clone
 from edgepipe.passes.float_guard import name_nodes
 from edgepipe.targets.base import Target, TargetContext
+from edgepipe.targets.nodecost import node_costs, slower_in_int8
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,7 @@ ACTIVATIONS = {"HardSwish", "HardSigmoid", "Sigmoid"}
 POOLS = {"GlobalAveragePool", "ReduceMean"}
 RunPasses = Callable[[list[dict[str, Any]], PassContext, ir.Model], tuple[ir.Model, list[dict]]]
 Timer = Callable[[list[Path], "Target", dict[str, np.ndarray]], list[float]]
+Costs = Callable[[Path, Path, onnx.GraphProto, "Target", dict[str, np.ndarray], Path], dict[str, dict[str, float]]]
 
 
 def slower(int8_ms: float, float_ms: float) -> bool:
@@ -149,9 +155,15 @@ def time_artifacts(paths: list[Path], target: Target, sample: dict[str, np.ndarr
     return [round(float(np.median(t)) * 1e3, 4) for t in times]
 
 
+def measure_costs(float_path: Path, int8_path: Path, float_graph: onnx.GraphProto, target: Target,
+                  sample: dict[str, np.ndarray], workdir: Path) -> dict[str, dict[str, float]]:
+    """Per float node, its int8 and float cost as emitted (one ORT profiling run of each; targets/nodecost.py)."""
+    return node_costs(float_path, int8_path, float_graph, sample, workdir, list(target.providers))
+
+
 def run_chain(
     target: Target, tctx: TargetContext, chain: list[dict[str, Any]], pctx: PassContext, model: ir.Model,
-    sample: dict[str, np.ndarray] | None, run_passes: RunPasses, timer: Timer = time_artifacts,
+    sample: dict[str, np.ndarray] | None, run_passes: RunPasses, timer: Timer = time_artifacts, costs: Costs = measure_costs,
 ) -> tuple[ir.Model, list[dict]]:
     """Run ``chain``; on a speed-checked target, ship int8 only where it is not slower than float."""
     q = quantize_index(chain)
@@ -163,10 +175,6 @@ def run_chain(
             log[q]["stats"]["speed"] = {"choice": "int8", "checked": False}
         return out, log
     float_model, head = run_passes(chain[:q], pctx, model)
-    int8_model, tail = run_passes(chain[q:], pctx, float_model)
-    if not tail[0]["modified"]:  # already quantized upstream: nothing to compare
-        return int8_model, head + tail
-    shipped_float, float_tail = run_passes(chain[q + 1 :], pctx, float_model)
     work = Path(tempfile.mkdtemp(prefix="speed-", dir=pctx.workdir if pctx.workdir.exists() else None))
     try:
         def emit(m: ir.Model, key: str) -> Path:
@@ -174,6 +182,22 @@ def run_chain(
             folder.mkdir()
             return folder / target.emit(m, folder, tctx).model_file
 
+        def cost_of(f: ir.Model, i: ir.Model) -> dict[str, dict[str, float]]:
+            """Each float node's cost in either form, both models emitted as the target ships them (the chain's
+            passes after the quantize step run on each); node names as the quantizer names them."""
+            named = clone(f)
+            name_nodes(named)
+            key = f"costs{sum(1 for _ in work.iterdir())}"
+            fp = emit(run_passes(chain[q + 1 :], pctx, named)[0], key + "-float")
+            ip = emit(run_passes(chain[q + 1 :], pctx, i)[0], key + "-int8")
+            return costs(fp, ip, ir.to_proto(named).graph, target, sample, work / (key + "-profile"))
+
+        # the budget fallback's quantize.auto weighs what each node it keeps float costs in speed
+        qctx = dataclasses.replace(pctx, node_costs=cost_of) if chain[q].get("name") == "quantize.auto" else pctx
+        int8_model, tail = run_passes(chain[q:], qctx, float_model)
+        if not tail[0]["modified"]:  # already quantized upstream: nothing to compare
+            return int8_model, head + tail
+        shipped_float, float_tail = run_passes(chain[q + 1 :], pctx, float_model)
         float_path, int8_path = emit(shipped_float, "float"), emit(int8_model, "int8")
         float_ms, int8_ms = timer([float_path, int8_path], target, sample)
         speed: dict[str, Any] = {"float_ms": float_ms, "int8_ms": int8_ms, "margin": MARGIN}
@@ -181,15 +205,21 @@ def run_chain(
             tail[0]["stats"]["speed"] = {**speed, "choice": "int8"}
             logger.info(f"  speed int8 {int8_ms:.3f} ms, float {float_ms:.3f} ms: int8 ships")
             return int8_model, head + tail
-        exclude = slow_nodes(float_model)
-        partial = _partial(chain, q, exclude, pctx, float_model, run_passes, speed) if exclude else None
-        if partial is not None:
-            partial, partial_tail = partial
-            float_ms, partial_ms = timer([float_path, emit(partial, "partial")], target, sample)
-            speed.update(partial_ms=partial_ms, float_ms_retimed=float_ms, kept_float=len(exclude))
-            if not slower(partial_ms, float_ms):
-                partial_tail[0]["stats"]["speed"] = {**speed, "choice": "int8, slow patterns in float"}
-                logger.info(f"  speed int8 {int8_ms:.3f} ms > float {float_ms:.3f} ms: {len(exclude)} slow-pattern nodes kept float → {partial_ms:.3f} ms")
+        partials = []  # (nodes kept float, which, model, pass log): the measured nodes, the known-slow patterns
+        for exclude, how in _slow(float_model, int8_model, cost_of, speed):
+            got = _partial(chain, q, exclude, qctx, float_model, run_passes, speed)
+            if got is not None:
+                partials.append((exclude, how, *got))
+        if partials:
+            float_ms, *times = timer([float_path, *(emit(p[2], f"partial{i}") for i, p in enumerate(partials))], target, sample)
+            best = int(np.argmin(times))
+            exclude, how, partial, partial_tail = partials[best]
+            speed.update(partial_ms=times[best], float_ms_retimed=float_ms, kept_float=len(exclude), slow_nodes=how)
+            if len(partials) > 1:
+                speed["partials_ms"] = {p[1]: ms for p, ms in zip(partials, times, strict=True)}
+            if not slower(times[best], float_ms):
+                partial_tail[0]["stats"]["speed"] = {**speed, "choice": f"int8, {how} in float"}
+                logger.info(f"  speed int8 {int8_ms:.3f} ms > float {float_ms:.3f} ms: {len(exclude)} {how} kept float → {times[best]:.3f} ms")
                 return partial, head + partial_tail
         why = f"int8 slower than float on this machine ({speed.get('partial_ms', int8_ms):.3f} ms vs {float_ms:.3f} ms p50, batch 1): shipped float"
         logger.info(f"  speed {why}")
@@ -200,3 +230,20 @@ def run_chain(
         return shipped_float, [*head, record, *float_tail]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _slow(float_model: ir.Model, int8_model: ir.Model, cost_of: Callable[[ir.Model, ir.Model], dict],
+          speed: dict[str, Any]) -> list[tuple[list[str], str]]:
+    """The node sets to try in float when int8 is slower (timed side by side, the faster ships): those whose int8
+    form measures slower than their float form, and the known-slow patterns (alone when the measurement maps
+    nothing or fails)."""
+    try:
+        measured = slower_in_int8(cost_of(float_model, int8_model))
+    except Exception as exc:  # a best-effort measurement: the pattern list stands in
+        speed["cost_error"] = str(exc).splitlines()[0][:300]
+        measured = []
+    patterns = slow_nodes(float_model)
+    sets = [(measured, "nodes measured slower in int8")] if measured else []
+    if patterns and set(patterns) != set(measured):
+        sets.append((patterns, "slow patterns"))
+    return sets

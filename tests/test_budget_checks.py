@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +113,35 @@ def test_calibrating_again_meets_the_budget_before_any_node_goes_float(tmp_path,
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
 
 
+def _sensitivity_order_only(monkeypatch) -> None:
+    """The fallback's quantize.auto without its graph-order search (the most sensitive nodes only)."""
+    step = fallback.fallback_step
+
+    def without(*args):
+        found = step(*args)
+        return found and (found[0], {k: v for k, v in found[1].items() if k != "graph_order"})
+
+    monkeypatch.setattr(fallback, "fallback_step", without)
+
+
+def test_the_fallback_keeps_the_first_nodes_float_when_that_meets_the_budget(tmp_path, capsys):
+    """outlier_mlp at 0.999: its most sensitive nodes need 4 of 5 in float (the test below), the first node in graph
+    order (3 of 5, within the half allowed: one float region) meet it: that int8 model ships, the set in its stats."""
+    code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}")
+    assert code == 0
+    manifest = json.loads((Path(summary["units"][0]["folder"]) / "manifest.json").read_text())
+    stats = next(p["stats"] for p in manifest["passes"] if p["name"] == "quantize.auto")
+    region = [s for s in stats["steps"] if s.get("order") == "graph" and s["passed"]]
+    assert stats["float_region"] and stats["kept_float"] == min((s["nodes"] for s in region), key=len)
+    assert stats["final_metric"] >= 0.999 and len(stats["kept_float"]) <= math.ceil(len(stats["sensitivity"]) / 2)
+    graph = onnx.load(str(Path(summary["units"][0]["folder"]) / "model.onnx")).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+
+
 def test_the_float_model_ships_when_more_than_half_the_nodes_would_stay_float(tmp_path, capsys, monkeypatch):
-    """outlier_mlp at 0.999 needs 4 of its 5 quantized nodes in float: on cpu that is a float model, so float ships
-    (with what was tried); allowed every node, the same fallback ships that mostly-float 'int8' model."""
+    """outlier_mlp at 0.999 needs 4 of its 5 most sensitive quantized nodes in float: on cpu that is a float model, so
+    float ships (with what was tried); allowed every node, the same fallback ships that mostly-float 'int8' model."""
+    _sensitivity_order_only(monkeypatch)
     code, summary = _build(tmp_path, capsys, "outlier_mlp", 8, "{metric: cosine, min_value: 0.999}")
     assert code == 0
     manifest = json.loads((Path(summary["units"][0]["folder"]) / "manifest.json").read_text())

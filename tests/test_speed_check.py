@@ -57,16 +57,23 @@ def _context(tmp_path) -> PassContext:
     return PassContext(workdir=tmp_path / "work", calibration=lambda: ({"image": _images(4, s)} for s in range(4)))
 
 
-def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu", chain: list[dict] = CHAIN, tctx=None):
-    """run_chain with a timer that answers ``timings`` in turn (float, candidate, float, candidate ...)."""
+def _no_costs(*_args) -> dict:
+    return {}  # nothing measured: the known-slow patterns stand in
+
+
+def _chain(tmp_path, model: ir.Model, timings: list[float], target: str = "cpu", chain: list[dict] = CHAIN, tctx=None,
+           costs=_no_costs):
+    """run_chain with a timer that answers ``timings`` in turn (float, candidate, float, candidate ...), and a
+    per-node cost measurement ``costs``."""
     answers = iter(timings)
     calls = []
 
     def timer(paths, _target, _sample):
         calls.append([p.suffix for p in paths])
-        return [next(answers), next(answers)]
+        return [next(answers) for _ in paths]
 
-    out, log = run_chain(TARGETS[target](), tctx, chain, _context(tmp_path), model, {"image": _images(2, 9)}, _run_passes, timer)
+    out, log = run_chain(TARGETS[target](), tctx, chain, _context(tmp_path), model, {"image": _images(2, 9)}, _run_passes, timer,
+                         costs)
     return out, log, calls
 
 
@@ -121,7 +128,7 @@ def test_float_ships_with_the_reason_when_the_slow_pattern_variant_fails(tmp_pat
 
     answers = iter([1.0, 2.0])
     out, log = run_chain(TARGETS["cpu"](), None, CHAIN, _context(tmp_path), block_onnx, {"image": _images(2, 9)}, flaky,
-                         lambda paths, _t, _s: [next(answers), next(answers)])
+                         lambda paths, _t, _s: [next(answers), next(answers)], _no_costs)
     assert not {"QuantizeLinear", "DequantizeLinear"} & _ops(out) and log[-1]["name"] == "speed.check"
     assert "two nodes" in log[-1]["stats"]["speed"]["partial_error"]
 
@@ -164,3 +171,40 @@ def test_real_timer_decides_by_its_own_timings(tmp_path, block_onnx):
     else:  # int8 with the slow patterns float: int8 was slower, the partial model was not
         assert slower(speed["int8_ms"], speed["float_ms"]) and not slower(speed["partial_ms"], speed["float_ms_retimed"])
         assert quantized
+
+
+@pytest.mark.parametrize("faster", ["measured", "patterns"])
+def test_nodes_measured_slower_in_int8_go_float(tmp_path, block_onnx, faster):
+    """When int8 is slower, the nodes whose int8 form the per-node measurement finds slower (here the stem conv
+    only) and the known-slow patterns are each kept float, timed side by side with float: the faster ships."""
+    seen = {}
+
+    def costs(float_path, int8_path, graph, target, sample, workdir):
+        seen.update(files=[float_path.suffix, int8_path.suffix])
+        convs = [n.name for n in graph.node if n.op_type == "Conv"]
+        seen["stem"] = convs[0]
+        return {convs[0]: {"int8_ms": 0.5, "float_ms": 0.1}, **{c: {"int8_ms": 0.1, "float_ms": 0.3} for c in convs[1:]}}
+
+    times = [1.0, 2.0, 1.0, 0.8, 0.9] if faster == "measured" else [1.0, 2.0, 1.0, 0.9, 0.8]
+    out, log, calls = _chain(tmp_path, block_onnx, times, costs=costs)
+    assert len(calls) == 2 and len(calls[1]) == 3 and seen["files"] == [".onnx", ".onnx"]
+    speed = log[-1]["stats"]["speed"]
+    assert speed["partial_ms"] == 0.8 and set(speed["partials_ms"].values()) == {0.8, 0.9}
+    if faster == "patterns":
+        assert set(log[-1]["params"]["nodes_to_exclude"]) == set(slow_nodes(block_onnx))
+        assert speed["choice"] == "int8, slow patterns in float"
+        return
+    assert log[-1]["params"]["nodes_to_exclude"] == [seen["stem"]]
+    assert speed["choice"] == "int8, nodes measured slower in int8 in float" and speed["kept_float"] == 1
+    convs = [n for n in out.graph if n.op_type == "Conv"]
+    float_weight = [n.inputs[1].producer() is None for n in convs]  # no DequantizeLinear feeds a float weight
+    assert float_weight == [True] + [False] * (len(convs) - 1)
+
+
+def test_the_pattern_list_stands_in_when_the_measurement_fails(tmp_path, block_onnx):
+    def broken(*_args):
+        raise RuntimeError("profile unreadable")
+
+    _, log, _ = _chain(tmp_path, block_onnx, [1.0, 2.0, 1.0, 0.8], costs=broken)
+    assert set(slow_nodes(block_onnx)) <= set(log[-1]["params"]["nodes_to_exclude"])
+    assert log[-1]["stats"]["speed"]["cost_error"] == "profile unreadable"

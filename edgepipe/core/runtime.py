@@ -59,11 +59,13 @@ def session(
     opt_level: ort.GraphOptimizationLevel | None = None,
     config: dict[str, str] | None = None,
     optimized_path: Path | None = None,
+    profile_prefix: Path | None = None,
 ) -> ort.InferenceSession:
     """The one place edgepipe makes an ONNX Runtime session (a file path or serialized bytes).
 
     Quiet (errors only); ``threads``: intra-op threads (one inter-op); ``opt_level``: ORT's default when None;
-    ``config``: session config entries; ``optimized_path``: where ORT writes the optimized model.
+    ``config``: session config entries; ``optimized_path``: where ORT writes the optimized model;
+    ``profile_prefix``: ORT profiles every node's kernel time into a JSON file of that prefix (``end_profiling``).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -74,6 +76,9 @@ def session(
         options.graph_optimization_level = opt_level
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     source = model if isinstance(model, bytes) else str(model)

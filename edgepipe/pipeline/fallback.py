@@ -48,8 +48,9 @@ def fallback_step(target: str, spec: TargetSpec, chain: list[dict[str, Any]]) ->
         if step.get("name") in PLAIN:
             options = {k: v for k, v in step.items() if k != "name"}
             # every quantized node is a candidate (up to MAX_FLOAT of them): the search stops at the fewest that meet the budget
+            # cpu, mobile: also the first nodes in graph order, one float region (the faster of the two sets ships)
             return i, {"name": "quantize.auto", "method": PLAIN[step["name"]], "options": options, "candidate_ops": None,
-                       "max_float": MAX_FLOAT[target]}
+                       "max_float": MAX_FLOAT[target], **({"graph_order": True} if target in FLOAT_TARGETS else {})}
     return None
 
 
