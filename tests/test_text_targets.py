@@ -57,6 +57,11 @@ def test_random_text_model_builds_without_shapes(kind, targets, tmp_path, capsys
     longest = max(text_encoder(tmp_path / "model")([ln]).get("input_ids").shape[1] for ln in (tmp_path / "eval.txt").read_text().splitlines())
     assert fixed["input_ids"][0] == 1 and longest <= fixed["input_ids"][1] < longest + 16
     assert mobile["accuracy"]["passed"] and mobile["accuracy"]["samples"] == 12
+    for target in targets.strip("[]").split(", "):  # the build reads the exported graph: a text encoder's default chain
+        manifest = json.loads((tmp_path / "out" / "tiny" / target / "manifest.json").read_text())
+        ran = {p["params"].get("dropped", p)["name"] for p in manifest["passes"]}  # speed.check: the step it dropped
+        assert "quantize.dynamic" in ran and "quantize.static" not in ran
+        assert ("unfuse.skiplayernorm" in ran) == (target == "mobile")
 
 
 def test_longest_shapes_pads_tokens_not_floats():
