@@ -8,7 +8,7 @@ INTEGER = {ir.DataType.INT64, ir.DataType.INT32}
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention"}  # com.microsoft: an already-fused export
 # between the scores' MatMul and the Softmax: scaling, the mask, casts and reshapes
 SCORE_OPS = {"Div", "Mul", "Add", "Sub", "Where", "Cast", "Reshape", "Transpose"}
-PROBS_OPS = {"Cast", "Dropout", "Where", "Identity"}  # between the Softmax and ·V
+PROBS_OPS = {"Cast", "Dropout", "Where", "Identity", "Reshape", "Transpose"}  # between the Softmax and ·V (DeBERTa: a Reshape)
 MAX_HOPS = 6
 
 

@@ -24,16 +24,20 @@ INT8 = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulIn
 STATIC = {"QuantizeLinear", "QLinearMatMul"}  # activations quantized ahead of time (dynamic int8 dequantizes only weights)
 
 
-@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
-def bert(request, tmp_path_factory) -> tuple[ir.Model, dict[str, np.ndarray]]:
-    """A random 2-layer BERT exported the way a build exports it (either exporter), and a tokenized sentence."""
-    folder = tmp_path_factory.mktemp("bert")
-    _random_text_model(folder, "bert")
-    exporter = "" if request.param == "torchscript" else ", exporter: dynamo"
-    (folder / "recipe.yaml").write_text(f"name: tiny\nmodel: {{hf: model, task: feature-extraction{exporter}}}\ntargets: [cpu]\n")
+def _exported(folder, kind: str, exporter: str = "torchscript") -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """A random 2-layer text model exported the way a build exports it, and a tokenized sentence."""
+    _random_text_model(folder, kind)
+    option = "" if exporter == "torchscript" else f", exporter: {exporter}"
+    (folder / "recipe.yaml").write_text(f"name: tiny\nmodel: {{hf: model, task: feature-extraction{option}}}\ntargets: [cpu]\n")
     source = export_hf(load_recipe(folder / "recipe.yaml"), folder, None)
     sample = tokenize(folder / "model")(["A short sentence for the timer."])
     return load(source.onnx_path), dict(sample)
+
+
+@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+def bert(request, tmp_path_factory) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """BERT from either exporter."""
+    return _exported(tmp_path_factory.mktemp("bert"), "bert", request.param)
 
 
 def _ctx(source: ir.Model | None, calibration: bool = True) -> TargetContext:
@@ -51,6 +55,11 @@ def _quantize_steps(chain: list[dict]) -> list[str]:
 def test_a_text_encoder_is_recognised_and_a_cnn_is_not(bert, digits_onnx):
     assert text_encoder(bert[0])
     assert not text_encoder(load(digits_onnx)) and not text_encoder(None)
+
+
+def test_deberta_attention_is_recognised(tmp_path):
+    """DeBERTa-v2 reshapes the probabilities before ·V."""
+    assert text_encoder(_exported(tmp_path, "deberta_v2")[0])
 
 
 @pytest.mark.parametrize("name", ["cpu", "mobile"])

@@ -33,7 +33,8 @@ def _random_text_model(folder: Path, kind: str) -> None:
     (folder / "model").mkdir(parents=True)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(source / name, folder / "model" / name)
-    config_cls, model_cls = {"bert": (transformers.BertConfig, transformers.BertModel), "mpnet": (transformers.MPNetConfig, transformers.MPNetModel)}[kind]
+    config_cls, model_cls = {"bert": (transformers.BertConfig, transformers.BertModel), "mpnet": (transformers.MPNetConfig, transformers.MPNetModel),
+                             "deberta_v2": (transformers.DebertaV2Config, transformers.DebertaV2Model)}[kind]
     torch.manual_seed(0)
     config = config_cls(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     model_cls(config).save_pretrained(folder / "model")
