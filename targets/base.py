@@ -21,6 +21,8 @@ class TargetContext:
     has_calibration: bool
     # {input: [1, longest, ...]} for inputs with dynamic dims past the batch, from the eval/calibration data
     data_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # the source graph, read (never changed) by default chains that depend on the kind of model; None: not exported yet
+    source: ir.Model | None = None
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from edgepipe.core.modelio import describe_values
 from edgepipe.passes.base import default_opset, save
 from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
+from edgepipe.targets.encoder import text_encoder
 from edgepipe.targets.ortgraph import load_ort
 from edgepipe.targets.usability import usability
 
@@ -30,6 +31,8 @@ OPS_CONFIG = "required_operators.config"
 # Phones are ARM: "arm" keeps x86-only layout rewrites (NCHWc) out of the .ort and allows int8 QDQ.
 PLATFORM = "arm"
 ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag
+# the .ort bakes ORT's fusions in: a residual Add → LayerNormalization becomes SkipLayerNormalization, slower here
+UNFUSE = {"name": "unfuse.skiplayernorm"}
 # onnxruntime's converter runs as it ships (`python -m`), torch import included (~1.8 s of a ~2.1 s conversion of
 # the digits model): the .ort's kernel type-string table is written in hash-map order, and onnxruntime's hash seed
 # follows the child's memory layout, so blocking torch there changed every published .ort's bytes (docs/decisions.md).
@@ -110,6 +113,11 @@ class MobileTarget(Target):
 
     def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
         chain: list[dict[str, Any]] = [{"name": "cleanup"}, {"name": "optimize.ort", "level": "basic"}]
+        if text_encoder(ctx.source):
+            # NNAPI / CoreML take only parts of a BERT graph (their own checker says: use the CPU provider), so a text
+            # encoder gets dynamic int8 for the CPU provider, and no SkipLayerNormalization (docs/decisions.md).
+            dynamic = {"name": "quantize.dynamic", "reduce_range": False}  # phones are ARM: no u8s8 saturation to avoid
+            return [*chain, dynamic, self._fix(ctx), UNFUSE]
         if ctx.has_calibration:
             # Dynamic int8 (DynamicQuantizeLinear) is CPU-only: NNAPI/CoreML need static QDQ, so
             # without calibration data the mobile model stays float32.

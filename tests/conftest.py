@@ -60,7 +60,7 @@ SAME_WORKER = {"tests/test_executor.py": "ray", "tests/test_sensitivity_fanout.p
 # The longest work units (benchmarks/RESULTS.md, "Test-suite wall time"), handed out first so that the many short
 # files fill the end of the run on both workers. Only an order: a file missing here still runs, later.
 LONGEST_FIRST = ["ray", "tests/test_hf_minilm.py", "tests/test_reliability.py", "tests/test_text_targets.py",
-                 "tests/test_budget_checks.py", "tests/test_mobile_target.py"]
+                 "tests/test_budget_checks.py", "tests/test_mobile_target.py", "tests/test_text_chain.py"]
 
 
 def pytest_configure(config):

@@ -33,7 +33,8 @@ def _random_text_model(folder: Path, kind: str) -> None:
     (folder / "model").mkdir(parents=True)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(source / name, folder / "model" / name)
-    config_cls, model_cls = {"bert": (transformers.BertConfig, transformers.BertModel), "mpnet": (transformers.MPNetConfig, transformers.MPNetModel)}[kind]
+    config_cls, model_cls = {"bert": (transformers.BertConfig, transformers.BertModel), "mpnet": (transformers.MPNetConfig, transformers.MPNetModel),
+                             "deberta_v2": (transformers.DebertaV2Config, transformers.DebertaV2Model)}[kind]
     torch.manual_seed(0)
     config = config_cls(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     model_cls(config).save_pretrained(folder / "model")
@@ -57,6 +58,11 @@ def test_random_text_model_builds_without_shapes(kind, targets, tmp_path, capsys
     longest = max(text_encoder(tmp_path / "model")([ln]).get("input_ids").shape[1] for ln in (tmp_path / "eval.txt").read_text().splitlines())
     assert fixed["input_ids"][0] == 1 and longest <= fixed["input_ids"][1] < longest + 16
     assert mobile["accuracy"]["passed"] and mobile["accuracy"]["samples"] == 12
+    for target in targets.strip("[]").split(", "):  # the build reads the exported graph: a text encoder's default chain
+        manifest = json.loads((tmp_path / "out" / "tiny" / target / "manifest.json").read_text())
+        ran = {p["params"].get("dropped", p)["name"] for p in manifest["passes"]}  # speed.check: the step it dropped
+        assert "quantize.dynamic" in ran and "quantize.static" not in ran
+        assert ("unfuse.skiplayernorm" in ran) == (target == "mobile")
 
 
 def test_longest_shapes_pads_tokens_not_floats():
