@@ -110,3 +110,24 @@ def _loaded(path) -> set[str]:
 
         return {n.op_type for n in load_ort(path).graph.node}
     return _ops(load(path))
+
+
+def test_dry_run_lists_the_chain_the_build_runs(bert, digits_onnx, tmp_path, capsys):
+    """An ONNX source's graph is at hand before any export: the dry run names the int8 step the build will run
+    (a text encoder without calibration data: dynamic int8 on mobile, where another model stays float)."""
+    from conftest import write_onnx_recipe
+
+    from edgepipe.cli import main
+
+    text = tmp_path / "text"
+    text.mkdir()
+    ir.save(bert[0], text / "bert.onnx")
+    (text / "recipe.yaml").write_text("name: tiny\nmodel: {onnx: bert.onnx}\ntargets: [cpu, mobile]\n")
+    (tmp_path / "cnn").mkdir()
+    cnn = write_onnx_recipe(tmp_path / "cnn", digits_onnx)
+    planned = {}
+    for name, recipe in (("text", text / "recipe.yaml"), ("cnn", cnn)):
+        assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "--dry-run", "--target", "mobile"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if "target mobile:" in x)
+        planned[name] = {s for s in ("quantize.dynamic", "quantize.static") if s in line}
+    assert planned == {"text": {"quantize.dynamic"}, "cnn": {"quantize.static"}}

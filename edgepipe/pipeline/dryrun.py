@@ -9,6 +9,7 @@ import onnxruntime as ort
 from edgepipe.core.errors import BadInput
 from edgepipe.core.loader import load_callable
 from edgepipe.passes import validate_spec
+from edgepipe.passes.base import load
 from edgepipe.pipeline.build import preflight
 from edgepipe.recipe import Recipe
 from edgepipe.targets import TARGETS, TargetContext
@@ -31,19 +32,23 @@ def dry_run(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> l
     if recipe.model.kind == "torch":
         load_callable(recipe.model.torch or "", recipe.base_dir)
         lines.append(f"model factory {recipe.model.torch}: importable")
-    elif recipe.model.kind == "onnx":
+    source = None  # the graph a default chain reads (targets/encoder.py); an ONNX source has it before any export
+    if recipe.model.kind == "onnx":
         from edgepipe.sources.export import load_onnx_source
 
-        load_onnx_source(recipe, out / recipe.name)
+        source = load(load_onnx_source(recipe, out / recipe.name).onnx_path)
         lines.append(f"model {recipe.model.onnx}: valid ONNX, loads in onnxruntime {ort.__version__}")
     for t in pre.targets:
         target = TARGETS[t]()
-        ctx = TargetContext(recipe, recipe.targets[t], pre.calibration is not None)
+        spec_t = recipe.targets[t]
+        ctx = TargetContext(recipe, spec_t, pre.calibration is not None, source=source if spec_t.passes is None else None)
         chain = target.passes(ctx)
         for spec in chain:
             try:
                 validate_spec(spec)
             except ValueError as exc:
                 raise BadInput(f"target {t}: {exc}") from None
-        lines.append(f"target {t}: passes {' → '.join(s['name'] for s in chain) or '(none)'}; runtime onnxruntime {ort.__version__}")
+        graph_decides = source is None and spec_t.passes is None and t in ("cpu", "mobile") and recipe.model.kind == "hf"
+        note = " (a text encoder's int8 step is quantize.dynamic: decided on the exported graph)" if graph_decides else ""
+        lines.append(f"target {t}: passes {' → '.join(s['name'] for s in chain) or '(none)'}{note}; runtime onnxruntime {ort.__version__}")
     return lines
