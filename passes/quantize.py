@@ -16,6 +16,7 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
+from pydantic import model_validator
 
 from edgepipe.core.errors import BadInput
 from edgepipe.core.logs import quiet
@@ -62,6 +63,14 @@ class StaticConfig(PassConfig):
     # on the calibration data matches float, layer by layer (one calibration run per Conv/Gemm). Off by default.
     bias_correction: bool = False
     QUIET_DEFAULTS: ClassVar[frozenset[str]] = frozenset({"bias_correction"})  # added after artifacts were published
+
+    @model_validator(mode="after")
+    def _mse_activations(self) -> StaticConfig:
+        """calibration: mse searches uint8 asymmetric ranges: another activation form fails when the recipe loads."""
+        if self.calibration == "mse" and (self.activation_type != "uint8" or self.symmetric_activations):
+            raise ValueError("calibration: mse chooses uint8 asymmetric activation ranges: use activation_type: uint8, "
+                             "symmetric_activations: false, or another calibration")
+        return self
 
 
 class _Reader(CalibrationDataReader):
@@ -174,10 +183,7 @@ class QuantizeStatic(EdgepipePass):
             **c.extra_options,
         }
         cache, ranged = None, {}
-        if c.calibration == "mse":
-            if c.activation_type != "uint8" or c.symmetric_activations:
-                raise BadInput("quantize.static calibration: mse chooses uint8 asymmetric activation ranges: "
-                               "use activation_type: uint8, symmetric_activations: false, or another calibration")
+        if c.calibration == "mse":  # uint8 asymmetric activations: StaticConfig checked
             cache, count = mse_calibrate(src, reader, c.op_types, folder, is_large(model))
             ranged = {"mse_ranges": count}
             if reader.samples == 0:

@@ -19,6 +19,7 @@ CASES = {
     "unknown pass": (GOOD.replace("targets: [cpu]", "targets: {cpu: {passes: [{name: prune.magic}]}}"), "valid passes"),
     "unknown pass option": (GOOD.replace("targets: [cpu]", "targets: {cpu: {passes: [{name: quantize.static, calibraton: entropy}]}}"), "unknown option 'calibraton'"),
     "bad metric": (GOOD.replace("metric: top1", "metric: top7"), "unknown metric 'top7'"),
+    "mse calibration with int8 activations": (GOOD.replace("targets: [cpu]", "targets: {cpu: {passes: [{name: quantize.static, calibration: mse, activation_type: int8}]}}"), "activation_type: uint8"),
     "input name mismatch": (GOOD.replace("name: image", "name: pixels"), "make the names match"),
     "no model source": (GOOD.replace("  torch: model.py:build\n", "  task: x\n"), "exactly one of torch / hf / onnx"),
     "bad dim": (GOOD.replace("[batch, 1, 8, 8]", "[batch, 0, 8, 8]"), "must be >= 1"),
