@@ -58,6 +58,7 @@ class Target:
     providers: ClassVar[list[str]] = ["CPUExecutionProvider"]
     quantized: ClassVar[bool] = True
     speed_checked: ClassVar[bool] = False  # int8 vs float timed before shipping (targets/speed.py)
+    reads_source: ClassVar[bool] = False  # default_passes depends on the source graph (TargetContext.source)
 
     def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
         raise NotImplementedError

@@ -15,6 +15,7 @@ class CpuTarget(Target):
     name = "cpu"
     description = "ONNX Runtime, CPU provider, int8"
     speed_checked = True  # int8 ships only where it is not slower than float (targets/speed.py)
+    reads_source = True  # a text encoder's default int8 is dynamic (targets/encoder.py)
 
     def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
         dynamic = not ctx.has_calibration or text_encoder(ctx.source)

@@ -110,6 +110,7 @@ class MobileTarget(Target):
     name = "mobile"
     description = "ONNX Runtime Mobile (.ort), int8 QDQ for NNAPI / XNNPACK / CoreML"
     speed_checked = True  # int8 ships only where it is not slower than float (targets/speed.py)
+    reads_source = True  # a text encoder's default int8 is dynamic (targets/encoder.py)
 
     def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
         chain: list[dict[str, Any]] = [{"name": "cleanup"}, {"name": "optimize.ort", "level": "basic"}]

@@ -292,7 +292,7 @@ def _build_target(ctx: BuildContext, name: str) -> TargetResult:
     ev = ctx.evals
     tctx = TargetContext(recipe, spec, ctx.calibration is not None,
                          longest_shapes(ctx.source.inputs, ev.batches, ctx.calibration, recipe.data.max_length),
-                         load(ctx.source.onnx_path) if spec.passes is None else None)  # a default chain reads the graph
+                         load(ctx.source.onnx_path) if spec.passes is None and target.reads_source else None)  # a default chain reads the graph
     spec_acc = target.accuracy(tctx)
     stage = TargetStage(ctx, target, tctx, spec_acc, resolve_metric(spec_acc.metric, recipe.base_dir))
     version = compat.requested(spec.runtime)

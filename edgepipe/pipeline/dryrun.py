@@ -41,7 +41,7 @@ def dry_run(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> l
     for t in pre.targets:
         target = TARGETS[t]()
         spec_t = recipe.targets[t]
-        ctx = TargetContext(recipe, spec_t, pre.calibration is not None, source=source if spec_t.passes is None else None)
+        ctx = TargetContext(recipe, spec_t, pre.calibration is not None, source=source if spec_t.passes is None and target.reads_source else None)
         chain = target.passes(ctx)
         for spec in chain:
             try:
