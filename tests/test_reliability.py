@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -37,15 +36,12 @@ def _spawn(recipe: str, out: Path, *extra: str, env: dict | None = None) -> subp
     )
 
 
-def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_until_held(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until HOLDING_METRIC says the build is inside its staging step (where it then sleeps)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        with contextlib.suppress(FileNotFoundError):  # a folder the build removed while this walked its tree
-            if root.is_dir() and any(root.rglob(".cpu.tmp-*")):  # the child's staging, in the driver's scratch
-                return
-        assert proc.poll() is None, proc.communicate()
+    while not (out / "holding").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
-    raise AssertionError("the build never reached its staging step")
 
 
 def test_rebuild_is_byte_identical(digits_build, tmp_path):
@@ -59,14 +55,20 @@ def test_rebuild_is_byte_identical(digits_build, tmp_path):
             assert (digits_build / target / name).read_bytes() == (tmp_path / "digits-cnn" / target / name).read_bytes()
 
 
-def test_killed_build_leaves_existing_artifact_whole(digits_build, onnx_recipe, tmp_path):
+def test_killed_build_leaves_existing_artifact_whole(digits_build, digits_onnx, onnx_recipe, tmp_path):
     import shutil
 
     out = tmp_path / "out"
     shutil.copytree(digits_build, out / "digits-cnn")
     before = (out / "digits-cnn" / "cpu" / "manifest.json").read_bytes()
-    proc = _spawn(onnx_recipe, out)
-    _wait_for_staging(out / "digits-cnn", proc)
+    # The build is held inside its staging step by its metric, so the kill lands there however fast the build is
+    # (polling for the short-lived staging folder raced a fast build to its end).
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "hold.py").write_text(HOLDING_METRIC)
+    text = (DIGITS / "recipe.yaml").read_text().replace("metric: top1", "metric: hold.py:top1_then_hold")
+    proc = _spawn(str(write_onnx_recipe(held, digits_onnx, text)), out, env={"EDGEPIPE_TEST_OUT": str(out)})
+    _wait_until_held(out, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     cpu = out / "digits-cnn" / "cpu"
@@ -101,10 +103,7 @@ def test_interrupted_build_cleans_up_and_exits_130(digits_onnx, tmp_path):
         [sys.executable, "-m", "edgepipe", "build", str(recipe), "-o", str(out), "--target", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "EDGEPIPE_TEST_OUT": str(out)},
     )
-    deadline = time.time() + 120
-    while not (out / "holding").exists():  # the build is inside its staging step, held by the metric
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.02)
+    _wait_until_held(out, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
