@@ -56,10 +56,11 @@ def convert_to_ort(src: Path, out: Path, level: str = "all") -> None:
 
     ``level``: the optimizations baked in (ORT's ``all`` by default; a decoder, already fused, takes ``disable``).
 
-    ORT's flatbuffer writer orders some tables by pointer, so the same model converts to different
-    bytes in every process (seen: 3 runs, 3 hashes); with ASLR off the bytes repeat, which keeps
-    rebuilds byte-identical for one Python install (the interpreter's path still shapes the layout).
-    Where personality(2) is refused the conversion still runs.
+    ORT's flatbuffer writer orders its kernel type-string table by hash, seeded from the process's
+    memory layout, so the same model converts to different bytes in every process (seen: 3 runs,
+    3 hashes); with ASLR off the raw bytes repeat for one Python install, and ``converted`` makes
+    them canonical for any install (``canonical_ort``). Where personality(2) is refused the
+    conversion still runs.
     """
     # Relative paths from the model's folder: the child's argv (and so its memory layout) is the same every build.
     cmd = [sys.executable, "-c", CONVERTER, src.name, "--output_dir",
