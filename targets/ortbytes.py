@@ -50,9 +50,10 @@ def canonical_ort(data: bytes) -> bytes:
         session = _parse(data)
         out = _build(data, session)
         again = _parse(out)
-        if again["entries"] != session["entries"] or memoryview(out)[again["low"]:] != memoryview(data)[session["low"]:]:
+        same = all(again[k] == session[k] for k in ("entries", "model_end", "version_end"))
+        if not same or memoryview(out)[again["low"]:] != memoryview(data)[session["low"]:]:
             raise Unexpected("the re-written file does not read back the same")
-    except (Unexpected, struct.error, IndexError, ValueError) as e:
+    except Exception as e:  # whatever the bytes hold, a build publishes the converter's file rather than fail here
         logger.warning("ORT file left as converted (its bytes may differ between converting processes): %s", e)
         return data
     return out
