@@ -23,6 +23,7 @@ from edgepipe.passes.base import default_opset, save
 from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
 from edgepipe.targets.encoder import text_encoder
+from edgepipe.targets.ortbytes import canonical_ort
 from edgepipe.targets.ortgraph import load_ort
 from edgepipe.targets.usability import usability
 
@@ -33,9 +34,13 @@ PLATFORM = "arm"
 ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag
 # the .ort bakes ORT's fusions in: a residual Add → LayerNormalization becomes SkipLayerNormalization, slower here
 UNFUSE = {"name": "unfuse.skiplayernorm"}
-# onnxruntime's converter runs as it ships (`python -m`), torch import included (~1.8 s of a ~2.1 s conversion of
-# the digits model): the .ort's kernel type-string table is written in hash-map order, and onnxruntime's hash seed
-# follows the child's memory layout, so blocking torch there changed every published .ort's bytes (docs/decisions.md).
+# onnxruntime's converter module, run with torch blocked: `onnxruntime.tools` imports torch when it is installed, for
+# a helper the converter never calls; that import was ~1.8 s of a ~2.1 s conversion of the digits model. What the child
+# imported used to show in the .ort's bytes (its kernel type-string table is written in hash-map order, the hash seed
+# following the child's memory layout); `converted` re-writes that table in sorted order (targets/ortbytes.py), so the
+# bytes no longer depend on the converting process or the install path (docs/decisions.md).
+CONVERTER = ("import sys; sys.modules['torch'] = None; import runpy; "
+             "runpy.run_module('onnxruntime.tools.convert_onnx_models_to_ort', run_name='__main__', alter_sys=True)")
 
 
 def _no_aslr() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -51,13 +56,14 @@ def convert_to_ort(src: Path, out: Path, level: str = "all") -> None:
 
     ``level``: the optimizations baked in (ORT's ``all`` by default; a decoder, already fused, takes ``disable``).
 
-    ORT's flatbuffer writer orders some tables by pointer, so the same model converts to different
-    bytes in every process (seen: 3 runs, 3 hashes); with ASLR off the bytes repeat, which keeps
-    rebuilds byte-identical for one Python install (the interpreter's path still shapes the layout).
-    Where personality(2) is refused the conversion still runs.
+    ORT's flatbuffer writer orders its kernel type-string table by hash, seeded from the process's
+    memory layout, so the same model converts to different bytes in every process (seen: 3 runs,
+    3 hashes); with ASLR off the raw bytes repeat for one Python install, and ``converted`` makes
+    them canonical for any install (``canonical_ort``). Where personality(2) is refused the
+    conversion still runs.
     """
     # Relative paths from the model's folder: the child's argv (and so its memory layout) is the same every build.
-    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", src.name, "--output_dir",
+    cmd = [sys.executable, "-c", CONVERTER, src.name, "--output_dir",
            os.path.relpath(out, src.parent), "--optimization_style", "Fixed", "--target_platform", PLATFORM]
     # A fixed environment too: the writer's output changed with the size of the caller's environment.
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
@@ -75,19 +81,22 @@ def convert_to_ort(src: Path, out: Path, level: str = "all") -> None:
 
 
 def converted(src: Path, level: str = "all") -> tuple[bytes, str]:
-    """(model.ort bytes, required operators config) of ``src``, converted into ``src``'s folder (``convert_to_ort``)."""
+    """(model.ort bytes, required operators config) of ``src``, converted into ``src``'s folder (``convert_to_ort``).
+
+    The bytes are canonical (``canonical_ort``): the same model gives the same bytes from any process and install path.
+    """
     out = src.parent / "ort"
     convert_to_ort(src, out, level)
     # The converter names the file it wrote (a temp path; model.<level>.ort before the rename) in a comment: keep the
     # file the same build to build.
     lines = (out / f"model.{OPS_CONFIG}").read_text(encoding="utf-8").splitlines(keepends=True)
     config = "".join("# - model.ort\n" if ln.startswith("# - ") and ln.rstrip().endswith(".ort") else ln for ln in lines)
-    return (out / "model.ort").read_bytes(), config
+    return canonical_ort((out / "model.ort").read_bytes()), config
 
 
 # The last conversions of this process by the ONNX file's sha256: the speed check converts the float and the int8
-# model, and the build then ships one of them; the converter (a child that imports torch, ~2 s) gives the same bytes for
-# the same file, so the shipped one is not converted again.
+# model, and the build then ships one of them; the converter (a child process, ~0.3 s) gives the same bytes for the
+# same file, so the shipped one is not converted again.
 _CONVERTED: collections.OrderedDict[str, tuple[bytes, str]] = collections.OrderedDict()
 _KEEP = 2
 
