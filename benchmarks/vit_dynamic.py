@@ -142,6 +142,25 @@ def measure(name: str, arch: str, folder: Path, seconds: float, rounds: int, fal
     return rows
 
 
+def retime(out: Path, models: list[str], seconds: float, rounds: int) -> int:
+    """The emitted float / static / dynamic files of an earlier run, timed again as ``measure`` times them (interleaved,
+    1 thread, on one eval crop); one JSON row per model and target, then the table's timing columns."""
+    from edgepipe.targets import TARGETS
+    from edgepipe.targets.speed import time_artifacts
+
+    for name in models:
+        sample = {"image": np.load(out / name / "recipe" / "eval.npz")["image"][:1]}
+        for t in ("cpu", "mobile"):
+            folder = out / name / "emitted" / t
+            keys = [k for k in ("float", "static", "float_dyn", "dynamic") if (folder / k).is_dir()]
+            paths = [next(p for p in (folder / k).iterdir() if p.name in ("model.onnx", "model.ort")) for k in keys]
+            timed = [time_artifacts(paths, TARGETS[t](), sample, seconds) for _ in range(rounds)]
+            ms = {k: float(np.median([r[i] for r in timed])) for i, k in enumerate(keys)}
+            row = {"model": name, "target": t, "rounds": timed, "load": os.getloadavg()[0], **{f"{k}_ms": v for k, v in ms.items()}}
+            print(json.dumps({**row, **{f"{k}_ratio": round(v, 3) for k, v in ratios(row).items()}}), flush=True)
+    return 0
+
+
 def ratios(r: dict) -> dict[str, float]:
     """Median over the timing rounds of each round's float/int8 (static, dynamic) and static/dynamic int8 time."""
     keys = ["float", "static", *(["float_dyn"] if len(r["rounds"][0]) == 4 else []), "dynamic"]
@@ -180,10 +199,13 @@ def main() -> int:
     p.add_argument("--no-fallback", action="store_true", help="plain static and dynamic int8, no budget fallback (speed only)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--table", help="no runs: the table of an earlier run's stdout (one JSON row a line)")
+    p.add_argument("--retime", action="store_true", help="no chains: time the files an earlier run emitted under --out again")
     args = p.parse_args()
     if args.table:
         print_table([json.loads(ln) for ln in Path(args.table).read_text().splitlines() if ln.startswith("{")])
         return 0
+    if args.retime:
+        return retime(Path(args.out), args.models.split(","), args.seconds, args.rounds)
     if not args.inner:
         from zoo import vision_env
 

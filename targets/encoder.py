@@ -13,8 +13,8 @@ PROBS_OPS = {"Cast", "Dropout", "Where", "Identity", "Reshape", "Transpose"}  # 
 MAX_HOPS = 6
 CONVS = {"Conv", "ConvTranspose"}
 # A vision transformer's only convolution is its patch embedding (ViT, Swin); a hybrid whose convolutions carry the
-# compute (MaxViT, MobileViT) or a CNN is no transformer encoder here: dynamic int8 runs a Conv as ConvInteger, 3-4x
-# slower than float (SqueezeNet 1.1: 0.25x cpu; benchmarks/RESULTS.md).
+# compute (MaxViT, MobileViT) or a CNN is no transformer encoder here: dynamic int8 runs a Conv as ConvInteger,
+# slower than float (MaxViT-T 0.62x, SqueezeNet 1.1 0.25x on cpu; benchmarks/RESULTS.md).
 MAX_CONVS = 1
 
 
