@@ -1,4 +1,5 @@
-"""Is a source graph a text transformer encoder (BERT-like)? The cpu and mobile targets give those their own default int8."""
+"""Is a source graph a transformer encoder (BERT-like text, or a ViT / Swin vision transformer)? The cpu and mobile
+targets give those their own default int8: dynamic (docs/decisions.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ FUSED_ATTENTION = {"Attention", "MultiHeadAttention"}  # com.microsoft: an alrea
 SCORE_OPS = {"Div", "Mul", "Add", "Sub", "Where", "Cast", "Reshape", "Transpose"}
 PROBS_OPS = {"Cast", "Dropout", "Where", "Identity", "Reshape", "Transpose"}  # between the Softmax and ·V (DeBERTa: a Reshape)
 MAX_HOPS = 6
+CONVS = {"Conv", "ConvTranspose"}
+# A vision transformer's only convolution is its patch embedding (ViT, Swin); a hybrid whose convolutions carry the
+# compute (MaxViT, MobileViT) or a CNN is no transformer encoder here: dynamic int8 runs a Conv as ConvInteger,
+# slower than float (MaxViT-T 0.62x, SqueezeNet 1.1 0.25x on cpu; benchmarks/RESULTS.md).
+MAX_CONVS = 1
 
 
 def text_encoder(model: ir.Model | None) -> bool:
@@ -18,6 +24,23 @@ def text_encoder(model: ir.Model | None) -> bool:
     or a CNN is not one."""
     if model is None or not any(v.dtype in INTEGER for v in model.graph.inputs):
         return False
+    return _self_attention(model)
+
+
+def transformer_encoder(model: ir.Model | None) -> bool:
+    """A text encoder, or a vision transformer: self-attention and at most MAX_CONVS convolutions (the patch
+    embedding), whatever its inputs (float pixels). Its default cpu / mobile int8 is dynamic: on ViT-B/16, ViT-B/32
+    and Swin-T it meets a 0.98 cosine budget plainly where static QDQ needs the fallback on the ViTs; int8 time
+    against static: Swin-T 8-17 % faster, ViT-B/16 2-4 % and ViT-B/32 10 % slower (benchmarks/RESULTS.md,
+    "Vision transformers: dynamic int8")."""
+    if model is None:
+        return False
+    if text_encoder(model):
+        return True
+    return sum(1 for n in model.graph if n.op_type in CONVS) <= MAX_CONVS and _self_attention(model)
+
+
+def _self_attention(model: ir.Model) -> bool:
     return any(n.op_type in FUSED_ATTENTION or (n.op_type == "Softmax" and _attention(n)) for n in model.graph)
 
 

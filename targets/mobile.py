@@ -22,7 +22,7 @@ from edgepipe.core.modelio import describe_values
 from edgepipe.passes.base import default_opset, save
 from edgepipe.targets import compat
 from edgepipe.targets.base import Emitted, Target, TargetContext, Variant, deployable
-from edgepipe.targets.encoder import text_encoder
+from edgepipe.targets.encoder import transformer_encoder
 from edgepipe.targets.ortbytes import canonical_ort
 from edgepipe.targets.ortgraph import load_ort
 from edgepipe.targets.usability import usability
@@ -119,13 +119,14 @@ class MobileTarget(Target):
     name = "mobile"
     description = "ONNX Runtime Mobile (.ort), int8 QDQ for NNAPI / XNNPACK / CoreML"
     speed_checked = True  # int8 ships only where it is not slower than float (targets/speed.py)
-    reads_source = True  # a text encoder's default int8 is dynamic (targets/encoder.py)
+    reads_source = True  # a transformer encoder's default int8 is dynamic (targets/encoder.py)
 
     def default_passes(self, ctx: TargetContext) -> list[dict[str, Any]]:
         chain: list[dict[str, Any]] = [{"name": "cleanup"}, {"name": "optimize.ort", "level": "basic"}]
-        if text_encoder(ctx.source):
-            # NNAPI / CoreML take only parts of a BERT graph (their own checker says: use the CPU provider), so a text
-            # encoder gets dynamic int8 for the CPU provider, and no SkipLayerNormalization (docs/decisions.md).
+        if transformer_encoder(ctx.source):
+            # NNAPI / CoreML take only parts of a BERT graph (their own checker says: use the CPU provider), so a
+            # transformer encoder (text, or ViT / Swin) gets dynamic int8 for the CPU provider, and no
+            # SkipLayerNormalization (docs/decisions.md).
             dynamic = {"name": "quantize.dynamic", "reduce_range": False}  # phones are ARM: no u8s8 saturation to avoid
             return [*chain, dynamic, self._fix(ctx), UNFUSE]
         if ctx.has_calibration:

@@ -44,3 +44,43 @@ def outlier_deep_mlp() -> nn.Module:
     for _ in range(2):
         layers += [nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)]
     return nn.Sequential(*layers, *outlier_mlp()).eval()
+
+
+class _Block(nn.Module):
+    """A pre-norm transformer block: self-attention (softmax(q·kᵀ·scale)·v), then an MLP; both residual."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.ln1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ln2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyViT(nn.Module):
+    """A vision transformer in miniature: a patch-embedding convolution on 3x16x16 images, position embeddings,
+    ``layers`` transformer blocks, mean-pooled tokens → class logits. ``convs`` > 0: a hybrid, that many 3x3
+    convolutions after the embedding (the compute of MaxViT / MobileViT is mostly convolutions)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, layers: int = 2, classes: int = 10, convs: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.convs = nn.Sequential(*(m for _ in range(convs) for m in (nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU())))
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        self.blocks = nn.Sequential(*(_Block(dim, heads) for _ in range(layers)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convs(self.embed(x)).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def tiny_vit(convs: int = 0) -> nn.Module:
+    torch.manual_seed(0)
+    return TinyViT(convs=convs).eval()

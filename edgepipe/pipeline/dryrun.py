@@ -48,7 +48,8 @@ def dry_run(recipe: Recipe, out: Path, only: list[str] | None, force: bool) -> l
                 validate_spec(spec)
             except ValueError as exc:
                 raise BadInput(f"target {t}: {exc}") from None
-        graph_decides = source is None and spec_t.passes is None and t in ("cpu", "mobile") and recipe.model.kind == "hf"
-        note = " (a text encoder's int8 step is quantize.dynamic: decided on the exported graph)" if graph_decides else ""
+        # a torch or hf source is exported by the build: its graph (a text or vision transformer encoder) decides then
+        graph_decides = source is None and spec_t.passes is None and target.reads_source and recipe.model.kind in ("hf", "torch")
+        note = " (a transformer encoder's int8 step is quantize.dynamic: decided on the exported graph)" if graph_decides else ""
         lines.append(f"target {t}: passes {' → '.join(s['name'] for s in chain) or '(none)'}{note}; runtime onnxruntime {ort.__version__}")
     return lines
