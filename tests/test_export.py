@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import DIGITS, write_recipe
@@ -11,7 +12,7 @@ from edgepipe.cli import main
 from edgepipe.core.errors import BadInput, CheckFailed, one_line
 from edgepipe.core.runtime import Runner
 from edgepipe.recipe import parse_recipe
-from edgepipe.sources.export import export_torch
+from edgepipe.sources.export import export_torch, verify_export
 
 SHAPE_BRANCH = '''
 import torch
@@ -147,3 +148,16 @@ def test_the_dynamo_exporter_asked_for_by_name_says_which_dim_it_fixed(tmp_path)
 def test_error_lines_drop_terminal_colour_codes():
     # torch.export colours parts of its messages; a one-line error is read in CI logs and JSON
     assert one_line("Failed to export. \x1b[96mThis is step 1/3\x1b[0m of\nexporting") == "Failed to export. This is step 1/3 of exporting"
+
+
+def test_an_onnx_model_that_fails_where_the_source_runs_is_a_failed_check(tmp_path):
+    # the graph fixed 'batch' to 2 (as an exporter that specialised it would); the source runs at any batch
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "fixed", [x], [y])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(CheckFailed, match="does not run at sizes"):
+        verify_export(path, lambda feed: {"y": np.maximum(feed["x"], 0)}, {"x": ("float32", ["batch", 3])}, None, {"batch": 2})
