@@ -37,6 +37,10 @@ VISION = {
     "regnet_y_400mf": "regnet_y_400mf", "mnasnet0_5": "mnasnet0_5", "googlenet": "googlenet", "densenet121": "densenet121",
     "convnext_tiny": "convnext_tiny", "vit_b_16": "vit_b_16", "swin_t": "swin_t",
     "lraspp": "segmentation.lraspp_mobilenet_v3_large", "deeplabv3_mobilenet": "segmentation.deeplabv3_mobilenet_v3_large",
+    # outside the tuned zoo (the new-user probe, RESULTS.md "A new user's models")
+    "mobilenet_v3_large": "mobilenet_v3_large", "regnet_x_400mf": "regnet_x_400mf", "shufflenet_v2_x0_5": "shufflenet_v2_x0_5",
+    "mnasnet1_0": "mnasnet1_0", "efficientnet_b1": "efficientnet_b1", "efficientnet_v2_s": "efficientnet_v2_s",
+    "resnext50_32x4d": "resnext50_32x4d", "fcn_resnet50": "segmentation.fcn_resnet50",
 }
 TEXT = ["bert", "distilbert", "roberta", "albert", "electra", "deberta_v2", "xlm_roberta", "mpnet"]
 FACTORY = '''

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import DIGITS, write_recipe
 
 from edgepipe.cli import main
-from edgepipe.core.errors import CheckFailed
+from edgepipe.core.errors import BadInput, CheckFailed, one_line
+from edgepipe.core.runtime import Runner
 from edgepipe.recipe import parse_recipe
-from edgepipe.sources.export import export_torch
+from edgepipe.sources.export import export_torch, verify_export
 
 SHAPE_BRANCH = '''
 import torch
@@ -102,3 +105,59 @@ def test_truncated_onnx_is_exit_2(digits_build, tmp_path, capsys):
     assert main(["build", str(recipe), "-o", str(tmp_path / "out")]) == 2
     assert "not a valid ONNX model" in capsys.readouterr().err
     assert torch is not None
+
+
+POOLED = '''
+import torch
+from torch import nn
+def build():
+    torch.manual_seed(0)
+    # a keyword-spotting shape: Conv1d + MaxPool1d over a time axis of any length (2 at least: the pool halves it)
+    return nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), nn.AdaptiveAvgPool1d(1), nn.Flatten())
+'''
+
+
+def _pooled_recipe(tmp_path, model: dict):
+    (tmp_path / "m.py").write_text(POOLED)
+    return parse_recipe({"name": "kws", "model": {"torch": "m.py:build", **model},
+                         "inputs": [{"name": "x", "shape": ["batch", 2, "time"]}]}, tmp_path)
+
+
+def test_a_dynamic_time_axis_through_max_pool1d_stays_dynamic(tmp_path):
+    # torch.export fixes a MaxPool1d input's length to the example's (the default dynamo exporter fails);
+    # and the pooled model cannot run at length 1, the export check's usual small size
+    real = {"x": np.random.default_rng(0).standard_normal((4, 2, 6)).astype(np.float32)}
+    source = export_torch(_pooled_recipe(tmp_path, {}), tmp_path, real)
+    assert source.inputs == {"x": ("float32", ["batch", 2, "time"])}
+    times = {c["sizes"]["time"] for c in source.export_check}
+    assert 6 in times and min(times) < 6 < max(times)  # checked below and above the export size
+    assert all(c["passed"] for c in source.export_check)
+    runner = Runner(source.onnx_path)  # and the ONNX model runs at a length it was not checked at
+    x = np.random.default_rng(1).standard_normal((3, 2, 21)).astype(np.float32)
+    assert np.allclose(runner.run({"x": x})[source.outputs[0]], source.reference({"x": x})[source.outputs[0]], atol=1e-4)
+
+
+def test_the_dynamo_exporter_asked_for_by_name_says_which_dim_it_fixed(tmp_path):
+    real = {"x": np.random.default_rng(0).standard_normal((4, 2, 6)).astype(np.float32)}
+    with pytest.raises(BadInput) as err:
+        export_torch(_pooled_recipe(tmp_path, {"exporter": "dynamo"}), tmp_path, real)
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value)  # one plain line, no terminal colour codes
+    assert "time" in str(err.value)
+
+
+def test_error_lines_drop_terminal_colour_codes():
+    # torch.export colours parts of its messages; a one-line error is read in CI logs and JSON
+    assert one_line("Failed to export. \x1b[96mThis is step 1/3\x1b[0m of\nexporting") == "Failed to export. This is step 1/3 of exporting"
+
+
+def test_an_onnx_model_that_fails_where_the_source_runs_is_a_failed_check(tmp_path):
+    # the graph fixed 'batch' to 2 (as an exporter that specialised it would); the source runs at any batch
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "fixed", [x], [y])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(CheckFailed, match="does not run at sizes"):
+        verify_export(path, lambda feed: {"y": np.maximum(feed["x"], 0)}, {"x": ("float32", ["batch", 3])}, None, {"batch": 2})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class EdgepipeError(Exception):
     """Base of every error edgepipe reports to a user; ``exit_code`` is the CLI's.
@@ -55,9 +57,13 @@ def classify(exc: BaseException) -> tuple[int, str]:
     return 3, f"{type(exc).__name__}: {one_line(str(exc))[:300]}"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def one_line(text: str) -> str:
-    """Collapse a message to one line (users read the first line; CI logs grep it)."""
-    return " ".join(str(text).split())
+    """Collapse a message to one line (users read the first line; CI logs grep it), without terminal colour codes
+    (torch.export colours parts of its errors)."""
+    return " ".join(_ANSI.sub("", str(text)).split())
 
 
 # Known failure texts from onnx / onnxruntime / torch / protobuf, turned into what to do about them.

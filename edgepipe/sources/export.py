@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import logging
 import re
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from edgepipe.core.modelio import external_threshold
 from edgepipe.core.runtime import Runner
 from edgepipe.recipe import Recipe
 from edgepipe.sources.accuracy import compare
+
+logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -118,21 +121,53 @@ def check_sizes(specs: InputSpecs, export_sizes: dict[str, int]) -> list[dict[st
     return plans
 
 
+def _instead(size: int, tried: int) -> list[int]:
+    """Other sizes to check when the source model itself does not run at ``tried`` (a dim it pools or convolves
+    down: a length of 1 is too short for a stride-2 pool): smaller ones for the small side, larger for the large."""
+    if tried < size:
+        return [n for n in dict.fromkeys((2, size // 2, size - 1)) if tried < n < size]
+    return [n for n in dict.fromkeys((size + 1, 2 * size, 4 * size)) if n != tried]
+
+
 def verify_export(
     onnx_path: Path, reference: Callable[[Batch], Outputs], specs: InputSpecs, real: Batch | None, export_sizes: dict[str, int]
 ) -> list[dict]:
-    """Run ONNX (ORT) and the source on each size plan; a divergence is a CheckFailed."""
+    """Run ONNX (ORT) and the source on each size plan; a divergence is a CheckFailed.
+
+    A size the source model itself rejects is no test of the export: the next size on that side is checked instead
+    (none that runs: that side is left out, and the log says so)."""
     runner = Runner(onnx_path)
     results = []
     for sizes in check_sizes(specs, export_sizes):
-        feed = sample_batch(specs, real, sizes)
-        got, want = runner.run(feed), reference(feed)
+        varied = [d for d in sizes if sizes[d] != export_sizes[d]]
+        candidates = [sizes] + [{**sizes, varied[0]: n} for n in _instead(export_sizes[varied[0]], sizes[varied[0]])] if varied else [sizes]
+        for plan in candidates:
+            feed = sample_batch(specs, real, plan)
+            try:
+                want = reference(feed)
+            except Exception as exc:
+                if not varied:
+                    raise
+                logger.info(f"export check: the source model does not run at sizes {plan} ({type(exc).__name__}: {one_line(str(exc))[:120]})")
+                continue
+            break
+        else:
+            logger.warning(f"export check: the source model runs at no size tried for '{varied[0]}' on this side "
+                           f"({[c[varied[0]] for c in candidates]}); checked at the others only")
+            continue
+        try:
+            got = runner.run(feed)
+        except Exception as exc:
+            raise CheckFailed(
+                f"export check failed: the ONNX model does not run at sizes {plan}, where the source model does "
+                f"({type(exc).__name__}: {one_line(str(exc))[:200]}); the exporter may have fixed a dynamic dim"
+            ) from None
         for name, ref in want.items():
             cmp = compare(got[name], ref, EXPORT_ATOL, EXPORT_RTOL)
-            results.append({"sizes": sizes, "output": name, **{k: cmp[k] for k in ("passed", "max_abs", "max_rel")}})
+            results.append({"sizes": plan, "output": name, **{k: cmp[k] for k in ("passed", "max_abs", "max_rel")}})
             if not cmp["passed"]:
                 raise CheckFailed(
-                    f"export check failed: output '{name}' at sizes {sizes} differs from the source model "
+                    f"export check failed: output '{name}' at sizes {plan} differs from the source model "
                     f"(max abs {cmp['max_abs']:.3g}, max rel {cmp['max_rel']:.3g}; tolerance atol {EXPORT_ATOL}, "
                     f"rtol {EXPORT_RTOL}); data-dependent control flow or an unsupported op may be frozen into the graph"
                 )
@@ -191,7 +226,8 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None, module: obje
     path = workdir / "source.onnx"
     args = tuple(torch.from_numpy(example[n]) for n in specs)
     kwargs = {"opset_version": recipe.model.opset} if recipe.model.opset else {}
-    try:
+
+    def export(dynamo: bool) -> list[warnings.WarningMessage]:
         with muted("torch.onnx"), warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("always")
             torch.onnx.export(
@@ -201,13 +237,33 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None, module: obje
                 input_names=list(specs),
                 output_names=out_names,
                 dynamic_axes=dynamic_axes or None,
-                dynamo=recipe.model.exporter == "dynamo",
+                dynamo=dynamo,
                 external_data=_param_bytes(module) > external_threshold(),
                 **kwargs,
             )
+        return caught
+
+    dynamo = recipe.model.exporter == "dynamo"
+    try:
+        try:
+            caught = export(dynamo)
+        except Exception as exc:
+            fixed = _specialized(exc, specs)
+            if not (dynamo and fixed and "exporter" not in recipe.model.model_fields_set):
+                raise
+            # torch.export fixed a declared dynamic dim (max_pool1d does, for one): the TorchScript tracer keeps it
+            # dynamic; the export check below runs it at three sizes of every dynamic dim either way
+            logger.warning(f"the dynamo exporter fixed {fixed} to the example's size; exported with the TorchScript "
+                           "exporter instead (model.exporter: torchscript)")
+            dynamo = False
+            caught = export(dynamo)
     except Exception as exc:
         why = explain(exc) or f"{type(exc).__name__}: {exc}"
-        raise BadInput(f"torch.onnx export failed ({recipe.model.exporter} exporter): {why}") from None
+        fixed = _specialized(exc, specs) if dynamo else None
+        if fixed:
+            why = (f"it fixed {fixed} to the example's size (an op in the model needs that size static); "
+                   "use model.exporter: torchscript, or a number for that dim in inputs[].shape")
+        raise BadInput(f"torch.onnx export failed ({'dynamo' if dynamo else 'torchscript'} exporter): {why}") from None
     frozen = [w for w in caught if type(w.message).__name__ == "TracerWarning" and _FROZEN.search(str(w.message))]
     if frozen:
         w = frozen[0]
@@ -219,6 +275,22 @@ def export_torch(recipe: Recipe, workdir: Path, real: Batch | None, module: obje
     onnx.checker.check_model(str(path))
     checks = verify_export(path, reference, specs, real, export_sizes)
     return Source(path, reference, onnx_io(path)[0], out_names, "torch", module_digest(module), checks)
+
+
+_STATIC = re.compile(r"inferred a static shape of (\d+) for dimension inputs\['([^']+)'\]\.shape\[(\d+)\]")
+
+
+def _specialized(exc: BaseException, specs: InputSpecs) -> str | None:
+    """'input x axis 2 (time)' when torch.export turned a declared dynamic dim into a constant, else None."""
+    found = _STATIC.search(str(exc))
+    if found is None:
+        return None
+    positional = list(specs)  # torch.export names the inputs by the forward's parameters, not by the recipe
+    name, axis = found.group(2), int(found.group(3))
+    if name not in specs and len(positional) == 1:
+        name = positional[0]
+    dim = specs[name][1][axis] if name in specs and axis < len(specs[name][1]) else None
+    return f"input {name} axis {axis}" + (f" ('{dim}')" if isinstance(dim, str) else "")
 
 
 def _name_outputs(result: object, names: list[str] | None) -> Outputs:
