@@ -161,3 +161,36 @@ def test_an_onnx_model_that_fails_where_the_source_runs_is_a_failed_check(tmp_pa
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(CheckFailed, match="does not run at sizes"):
         verify_export(path, lambda feed: {"y": np.maximum(feed["x"], 0)}, {"x": ("float32", ["batch", 3])}, None, {"batch": 2})
+
+
+def _matmul_onnx(path, weight: np.ndarray, bias: np.ndarray | None = None) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y" if bias is None else "xw"])]
+    inits = [numpy_helper.from_array(weight, "w")]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", ["xw", "b"], ["y"]))
+        inits.append(numpy_helper.from_array(bias, "b"))
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_float32_rounding_in_a_large_output_passes_the_export_check_and_a_real_difference_fails(tmp_path):
+    # fcn_resnet50's case: a right export whose large output has elements that cancel to ~0, where float32 rounding
+    # (the ONNX model) against the exact product (the source) breaks a 1e-4 atol and the rtol there.
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((1024, 256)) * 30).astype(np.float32)
+    source = lambda feed: {"y": feed["x"].astype(np.float64) @ weight.astype(np.float64)}  # noqa: E731
+    specs, sizes = {"x": ("float32", ["batch", 1024])}, {"batch": 4}
+    _matmul_onnx(tmp_path / "right.onnx", weight)
+    results = verify_export(tmp_path / "right.onnx", source, specs, None, sizes)
+    assert results and all(r["passed"] for r in results)
+    assert max(r["max_abs"] for r in results) > 1e-4  # the rounding this is about is there
+    # 1 % of the output's scale on one column: not rounding, a wrong graph
+    bias = np.zeros(256, np.float32)
+    bias[7] = 0.01 * float(np.abs(source({"x": rng.standard_normal((4, 1024)).astype(np.float32)})["y"]).max())
+    _matmul_onnx(tmp_path / "wrong.onnx", weight, bias)
+    with pytest.raises(CheckFailed, match="differs from the source model"):
+        verify_export(tmp_path / "wrong.onnx", source, specs, None, sizes)
