@@ -66,3 +66,16 @@ def test_unknown_cli_target(tmp_path, capsys):
 
 def test_usage_error_is_exit_2(capsys):
     assert main(["frobnicate"]) == 2
+
+
+def test_bad_input_with_json_still_prints_the_document(tmp_path, capsys):
+    # a CI step runs `build --json > build.json` and reads it: a refused run is the same schema, exit 2, no units
+    import json
+
+    recipe = write_recipe(tmp_path, CASES["unknown target"][0])
+    assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "--json"]) == 2
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["schema_version"] == 1 and doc["exit_code"] == 2 and doc["passed"] is False and doc["units"] == []
+    assert doc["error"] in captured.err  # the stderr line, the same words
+    assert len(captured.err.strip().splitlines()) == 1

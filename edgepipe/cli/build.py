@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from edgepipe.core.errors import BadInput, one_line
+from edgepipe.core.errors import BadInput, EdgepipeError, one_line
 from edgepipe.core.manifest import Manifest, ModelEntry
-from edgepipe.core.result import ERROR, TargetResult, as_json, exit_code
+from edgepipe.core.result import ERROR, TargetResult, as_json, as_json_refused, exit_code
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +40,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     from edgepipe.cli.sign import build_signer
     from edgepipe.scale.executor import import_ray, run_units
 
-    if args.address and args.executor != "ray":
-        raise BadInput("--address needs --executor ray")
-    if args.executor == "ray":
-        import_ray()  # missing Ray is bad input, before any work
     out = Path(args.output)
     only = [t.strip() for t in args.target.split(",") if t.strip()] if args.target else None
-    signer = build_signer(args)  # a bad key is exit 2 before any work (a dry run included)
-    if args.dry_run:
-        return _dry_run(args.recipe, out, only, args.force)
-    units = plan(args.recipe, out, only, args.force)
+    try:
+        if args.address and args.executor != "ray":
+            raise BadInput("--address needs --executor ray")
+        if args.executor == "ray":
+            import_ray()  # missing Ray is bad input, before any work
+        signer = build_signer(args)  # a bad key is exit 2 before any work (a dry run included)
+        if args.dry_run:
+            return _dry_run(args.recipe, out, only, args.force)
+        units = plan(args.recipe, out, only, args.force)
+    except EdgepipeError as exc:
+        if args.json and not args.dry_run:  # refused before any unit ran: still the one document on stdout
+            print(json.dumps(as_json_refused(exc.exit_code, one_line(str(exc))), indent=2))
+        raise
     stream = sys.stderr if args.json else sys.stdout  # with --json, stdout carries only the JSON summary
     where = {"ray": f"ray ({args.address or 'local'})", "inprocess": "in-process"}.get(
         args.executor, f"{args.jobs} child processes" if args.jobs > 1 else "a child process per recipe")

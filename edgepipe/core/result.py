@@ -41,6 +41,12 @@ def exit_code(results: list[TargetResult]) -> int:
     return max((r.exit_code for r in results), default=0)
 
 
+def as_json_refused(code: int, error: str) -> dict[str, Any]:
+    """The `--json` document of a run refused before any unit started (bad input: exit 2): the same schema, no
+    units, the one error line, so a CI step that parses stdout reads why instead of failing on an empty file."""
+    return {"schema_version": JSON_SCHEMA_VERSION, "passed": False, "exit_code": code, "error": error, "reports": {}, "units": []}
+
+
 def as_json(results: list[TargetResult], reports: dict[str, Path], archives: dict[tuple[str, str], Path]) -> dict[str, Any]:
     """The `--json` document: the same schema for every executor."""
     return {
