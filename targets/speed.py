@@ -36,25 +36,10 @@ from edgepipe.targets.nodecost import node_costs, slower_in_int8
 logger = logging.getLogger(__name__)
 
 QUANTIZE = ("quantize.static", "quantize.dynamic", "quantize.auto")  # quantize.auto: the budget fallback's step too
-# int8 counts as slower only past a relative margin over the timing noise (interleaved medians on a shared 2-core
-# machine spread by ~3 %) and then either past an absolute one or in nearly every interleaved round: a model of a few
-# µs is dispatch-bound, its medians move by µs under load, so a small difference counts only when the rounds agree
-# (a 10 µs MLP at 15 µs in int8 is slower in every round; digits' tie, 0.025 ms both, in about half).
+# int8 counts as slower only past both: a relative margin over the timing noise (interleaved medians on a
+# shared 2-core machine spread by ~3 %), and an absolute one (a tiny model is dispatch-bound: µs either way).
 MARGIN = 0.05
 MIN_MS = 0.05
-CLEAR = 0.9  # the share of paired rounds in which int8 took longer that makes a difference under MIN_MS count
-
-
-class Timing(float):
-    """A median in ms (the float) with the per-round times it came from (``rounds``, ms), paired by round with the
-    other models timed in the same call."""
-
-    rounds: np.ndarray
-
-    def __new__(cls, median: float, rounds: np.ndarray) -> Timing:
-        out = super().__new__(cls, median)
-        out.rounds = rounds
-        return out
 ACTIVATIONS = {"HardSwish", "HardSigmoid", "Sigmoid"}
 POOLS = {"GlobalAveragePool", "ReduceMean"}
 RunPasses = Callable[[list[dict[str, Any]], PassContext, ir.Model], tuple[ir.Model, list[dict]]]
@@ -62,21 +47,9 @@ Timer = Callable[[list[Path], "Target", dict[str, np.ndarray]], list[float]]
 Costs = Callable[[Path, Path, onnx.GraphProto, "Target", dict[str, np.ndarray], Path], dict[str, dict[str, float]]]
 
 
-def slower(int8_ms: float, float_ms: float, share: float | None = None) -> bool:
-    """Is int8 slower than float beyond the noise: past MARGIN, and past MIN_MS or in CLEAR of the paired rounds
-    (``share``: as recorded; by default from the two Timings' rounds)?"""
-    if int8_ms <= float_ms * (1 + MARGIN):
-        return False
-    share = slower_rounds(int8_ms, float_ms) if share is None else share
-    return int8_ms - float_ms > MIN_MS or (share or 0.0) >= CLEAR
-
-
-def slower_rounds(int8_ms: float, float_ms: float) -> float | None:
-    """The share of the interleaved rounds in which int8 took longer than float (None: no paired rounds)."""
-    a, b = getattr(int8_ms, "rounds", None), getattr(float_ms, "rounds", None)
-    if a is None or b is None or len(a) != len(b) or not len(a):
-        return None
-    return round(float(np.mean(a > b)), 3)
+def slower(int8_ms: float, float_ms: float) -> bool:
+    """Is int8 slower than float beyond the noise (relative and absolute margins)?"""
+    return int8_ms > float_ms * (1 + MARGIN) and int8_ms - float_ms > MIN_MS
 
 
 def slow_nodes(model: ir.Model) -> list[str]:
@@ -160,7 +133,7 @@ def excluding(entry: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return entry
 
 
-def time_artifacts(paths: list[Path], target: Target, sample: dict[str, np.ndarray], seconds: float = 2.0, threads: int = 1) -> list[Timing]:
+def time_artifacts(paths: list[Path], target: Target, sample: dict[str, np.ndarray], seconds: float = 2.0, threads: int = 1) -> list[float]:
     """Median ms per call of each model on one sample; calls alternate model by model, so contention on a
     shared machine hits all alike. One thread: a ranking under load, not the device's absolute latency."""
     runners = [Runner(p, providers=list(target.providers), threads=threads) for p in paths]
@@ -179,7 +152,7 @@ def time_artifacts(paths: list[Path], target: Target, sample: dict[str, np.ndarr
             t = time.perf_counter()
             r.run(f)
             times[i].append(time.perf_counter() - t)
-    return [Timing(round(float(np.median(t)) * 1e3, 4), np.asarray(t) * 1e3) for t in times]
+    return [round(float(np.median(t)) * 1e3, 4) for t in times]
 
 
 def measure_costs(float_path: Path, int8_path: Path, float_graph: onnx.GraphProto, target: Target,
@@ -227,9 +200,7 @@ def run_chain(
         shipped_float, float_tail = run_passes(chain[q + 1 :], pctx, float_model)
         float_path, int8_path = emit(shipped_float, "float"), emit(int8_model, "int8")
         float_ms, int8_ms = timer([float_path, int8_path], target, sample)
-        speed: dict[str, Any] = {"float_ms": float(float_ms), "int8_ms": float(int8_ms), "margin": MARGIN}
-        if (share := slower_rounds(int8_ms, float_ms)) is not None:
-            speed["int8_slower_rounds"] = share
+        speed: dict[str, Any] = {"float_ms": float_ms, "int8_ms": int8_ms, "margin": MARGIN}
         if not slower(int8_ms, float_ms):
             tail[0]["stats"]["speed"] = {**speed, "choice": "int8"}
             logger.info(f"  speed int8 {int8_ms:.3f} ms, float {float_ms:.3f} ms: int8 ships")
@@ -243,11 +214,9 @@ def run_chain(
             float_ms, *times = timer([float_path, *(emit(p[2], f"partial{i}") for i, p in enumerate(partials))], target, sample)
             best = int(np.argmin(times))
             exclude, how, partial, partial_tail = partials[best]
-            speed.update(partial_ms=float(times[best]), float_ms_retimed=float(float_ms), kept_float=len(exclude), slow_nodes=how)
-            if (share := slower_rounds(times[best], float_ms)) is not None:
-                speed["partial_slower_rounds"] = share
+            speed.update(partial_ms=times[best], float_ms_retimed=float_ms, kept_float=len(exclude), slow_nodes=how)
             if len(partials) > 1:
-                speed["partials_ms"] = {p[1]: float(ms) for p, ms in zip(partials, times, strict=True)}
+                speed["partials_ms"] = {p[1]: ms for p, ms in zip(partials, times, strict=True)}
             if not slower(times[best], float_ms):
                 partial_tail[0]["stats"]["speed"] = {**speed, "choice": f"int8, {how} in float"}
                 logger.info(f"  speed int8 {int8_ms:.3f} ms > float {float_ms:.3f} ms: {len(exclude)} {how} kept float → {times[best]:.3f} ms")
