@@ -260,10 +260,7 @@ def main() -> int:
     for name in names:
         maker = torch_recipe if name in TORCH else hf_recipe
         recipe = maker(work / name, name, targets)
-        new = zoo.rows(name, zoo.build(sys.executable, recipe, out), out)
-        table += new
-        for r in new:
-            print(json.dumps(r), flush=True)
+        table += zoo.build_rows(name, sys.executable, recipe, out)
     zoo.print_table(table)
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))

@@ -209,6 +209,14 @@ def build(python: str, recipe: Path, out: Path) -> dict:
     return {"exit": proc.returncode, "seconds": seconds, "targets": summary.get("units") or summary.get("targets") or []}
 
 
+def build_rows(name: str, python: str, recipe: Path, out: Path) -> list[dict]:
+    """Build one model's recipe, print its rows as JSON lines as they come (a long run shows progress), return them."""
+    new = rows(name, build(python, recipe, out), out)
+    for r in new:
+        print(json.dumps(r), flush=True)
+    return new
+
+
 def rows(name: str, result: dict, out: Path) -> list[dict]:
     """One row per target (and per extra model of a folder): status, metric, size ratio, p50 and float p50."""
     found = []
@@ -337,11 +345,7 @@ def main() -> int:
         else:
             python = sys.executable
             recipe = text_recipe(work / name, name, args.quick, targets)
-        result = build(python, recipe, out)
-        new = rows(name, result, out)
-        table += new
-        for r in new:
-            print(json.dumps(r), flush=True)
+        table += build_rows(name, python, recipe, out)
     print_table(table)
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
